@@ -1,0 +1,5 @@
+import sys
+
+from celltwin.cli import main
+
+sys.exit(main())
