@@ -1,0 +1,346 @@
+"""The metrics of cell-eval 0.8.2's ``full`` profile beyond the ``vcc`` three (array kernels).
+
+Conventions shared by every function here (cell-eval semantics):
+
+* DE tables are reduced to ``(P, G)`` float32 matrices ``lfc`` and ``fdr`` (rows: perturbations in
+  sorted order; columns: genes) -- cell-eval casts both columns to float32 before any use;
+  ``sig = fdr < 0.05``.
+* A *null* result (a metric without a value for a perturbation, e.g. a direction match when the
+  real side has no significant gene) is kept apart from NaN: ``results.csv`` writes null as an
+  empty field and NaN as ``NaN``, and ``describe`` counts them differently. Functions return
+  ``(values, null_mask)``.
+* Spearman correlations follow polars ``corr(method="spearman")``: average ranks (NaN ranked above
+  +inf), then the Pearson correlation of the ranks; fewer than 2 points or a constant side gives NaN.
+* Distances use the same arithmetic as scikit-learn's ``pairwise_distances`` for dense inputs:
+  L2 via ``sqrt(max(|x|^2 - 2 x.y + |y|^2, 0))`` (float32 inputs upcast to float64 in sklearn's
+  chunks, the result rounded to float32 before the square root), cosine via row-normalised dot
+  products (norms below ``10 * eps`` replaced by 1), ``1 - s`` clipped to ``[0, 2]``.
+
+Per-metric rules are in each docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+__all__ = [
+    "KS",
+    "de_matrices",
+    "overlap_k",
+    "spearman",
+    "de_spearman_sig",
+    "de_direction_match",
+    "de_spearman_lfc_sig",
+    "de_sig_genes_recall",
+    "average_precision",
+    "roc_auc",
+    "auc_metrics",
+    "pearson_delta",
+    "mean_error",
+    "discrimination",
+    "euclidean",
+    "edistance_pearson",
+]
+
+KS: tuple[int | None, ...] = (None, 50, 100, 200, 500)
+
+
+def de_matrices(
+    table, perts: Sequence[str], genes: Sequence[str], lfc: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(lfc32, fdr32)`` as ``(P, G)`` float32 matrices from a DE table (missing rows: NaN lfc, fdr 1).
+
+    ``lfc`` is the table's fold-change column to place (log2 fold change, or the fold change itself).
+    """
+    from celltwin.eval._metrics import category_codes
+
+    perts = np.asarray(perts, dtype=str)
+    genes = np.asarray(genes, dtype=str)
+    rows = category_codes(table["target"], perts)
+    cols = category_codes(table["feature"], genes)
+    ok = (rows >= 0) & (cols >= 0)
+    fdr = np.ones((perts.size, genes.size), dtype=np.float32)
+    vals = np.asarray(lfc, dtype=np.float64)
+    lfc_m = np.full((perts.size, genes.size), np.nan, dtype=np.float32)
+    lfc_m[rows[ok], cols[ok]] = vals[ok].astype(np.float32)
+    fdr[rows[ok], cols[ok]] = np.asarray(table["fdr"], dtype=np.float64)[ok].astype(np.float32)
+    return lfc_m, fdr
+
+
+def overlap_k(
+    real_ranked: dict, pred_ranked: dict, perts: Sequence[str], k: int | None, metric: str
+) -> np.ndarray:
+    """``overlap_at_k`` / ``precision_at_k`` (cell-eval ``compute_overlap``).
+
+    ``overlap``: ``n = min(k or |real|, |real|)``; ``precision``: ``n = min(k or |pred|, |pred|)``;
+    score ``|real[:n] & pred[:n]| / n`` on the ranked significant lists (0 when ``n == 0``, and 0
+    everywhere when one side has no significant gene at all).
+    """
+    out = np.zeros(len(perts), dtype=np.float64)
+    if not (any(v.size for v in real_ranked.values()) and any(v.size for v in pred_ranked.values())):
+        return out
+    for i, p in enumerate(perts):
+        real, pred = real_ranked[str(p)], pred_ranked[str(p)]
+        base = real.size if metric == "overlap" else pred.size
+        n = min(k if k else base, base)
+        if n:
+            out[i] = np.intersect1d(real[:n], pred[:n]).size / n
+    return out
+
+
+def _avg_rank(x: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based), NaN treated as the largest value and equal to each other."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="stable")  # NaN last
+    xs = x[order]
+    same = (xs[1:] == xs[:-1]) | (np.isnan(xs[1:]) & np.isnan(xs[:-1]))
+    starts = np.flatnonzero(np.r_[True, ~same])
+    ends = np.r_[starts[1:], xs.size]
+    ranks = np.empty(x.size, dtype=np.float64)
+    for s, e in zip(starts, ends, strict=True):
+        ranks[order[s:e]] = (s + 1 + e) / 2.0
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """polars-style Spearman correlation (see module docstring)."""
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = _avg_rank(x), _avg_rank(y)
+    dx, dy = rx - rx.mean(), ry - ry.mean()
+    den = math.sqrt(float(np.dot(dx, dx)) * float(np.dot(dy, dy)))
+    return float(np.dot(dx, dy) / den) if den > 0 else float("nan")
+
+
+def de_spearman_sig(sig_real: np.ndarray, sig_pred: np.ndarray) -> float:
+    """Spearman of the number of significant genes, over perturbations with >= 1 real significant gene.
+
+    1.0 when no perturbation has a real significant gene. One value broadcast to every row.
+    """
+    n_real, n_pred = sig_real.sum(1), sig_pred.sum(1)
+    rows = n_real > 0
+    if not rows.any():
+        return 1.0
+    return spearman(n_real[rows].astype(np.float64), n_pred[rows].astype(np.float64))
+
+
+def de_direction_match(sig_real: np.ndarray, lfc_real: np.ndarray, lfc_pred: np.ndarray):
+    """Fraction of real significant genes whose predicted lfc has the same sign (null: no real sig gene)."""
+    P = sig_real.shape[0]
+    vals = np.full(P, np.nan)
+    null = ~sig_real.any(1)
+    for i in np.flatnonzero(~null):
+        a, b = np.sign(lfc_real[i, sig_real[i]]), np.sign(lfc_pred[i, sig_real[i]])
+        vals[i] = float(np.mean((a == b) | (np.isnan(a) & np.isnan(b))))
+    return vals, null
+
+
+def de_spearman_lfc_sig(sig_real: np.ndarray, lfc_real: np.ndarray, lfc_pred: np.ndarray):
+    """Spearman of real vs predicted lfc over the real significant genes (null: none; NaN: fewer than 2)."""
+    P = sig_real.shape[0]
+    vals = np.full(P, np.nan)
+    null = ~sig_real.any(1)
+    for i in np.flatnonzero(~null):
+        m = sig_real[i]
+        vals[i] = spearman(lfc_real[i, m].astype(np.float64), lfc_pred[i, m].astype(np.float64))
+    return vals, null
+
+
+def de_sig_genes_recall(sig_real: np.ndarray, sig_pred: np.ndarray):
+    """``|real sig & pred sig| / |real sig|`` (null: no real significant gene)."""
+    n_real = sig_real.sum(1)
+    null = n_real == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vals = (sig_real & sig_pred).sum(1) / n_real
+    return np.where(null, np.nan, vals), null
+
+
+def _clf_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores.astype(np.float64), kind="stable")
+    s, y = scores[order], labels[order].astype(np.float64)
+    idx = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
+    tps = np.cumsum(y)[idx]
+    fps = 1 + idx.astype(np.float64) - tps
+    return fps, tps
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """sklearn ``average_precision_score`` (step integral of the precision-recall curve)."""
+    fps, tps = _clf_curve(labels, scores)
+    ps = tps + fps
+    precision = np.where(ps != 0, tps / np.where(ps != 0, ps, 1), 0.0)
+    recall = tps / tps[-1]
+    precision = np.r_[precision[::-1], 1.0]
+    recall = np.r_[recall[::-1], 0.0]
+    return float(max(0.0, -np.sum(np.diff(recall) * precision[:-1])))
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """sklearn ``auc(*roc_curve(...)[:2])`` with ``drop_intermediate=True``."""
+    fps, tps = _clf_curve(labels, scores)
+    if fps.size > 2:
+        keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+        fps, tps = fps[keep], tps[keep]
+    fps, tps = np.r_[0.0, fps], np.r_[0.0, tps]
+    fpr, tpr = fps / fps[-1], tps / tps[-1]
+    return float(np.trapezoid(tpr, fpr))
+
+
+def auc_metrics(
+    sig_real: np.ndarray, fdr_pred: np.ndarray, legacy: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``pr_auc`` and ``roc_auc`` per perturbation: labels = real significance of every gene, scores =
+    ``-log10(clip(fdr_pred32, 1e-10, 1))`` in float32 (``legacy``: only ``fdr == 0`` becomes ``1e-10``).
+    NaN when the labels are all 0 or all 1."""
+    P = sig_real.shape[0]
+    pr, roc = np.full(P, np.nan), np.full(P, np.nan)
+    lo, hi = np.float32(1e-10), np.float32(1.0)
+    for i in range(P):
+        labels = sig_real[i]
+        if not (0 < labels.sum() < labels.size):
+            continue
+        q = fdr_pred[i].astype(np.float32)
+        q = np.where(q == 0, lo, q) if legacy else np.clip(q, lo, hi)
+        scores = -np.log10(q)
+        pr[i] = average_precision(labels, scores)
+        roc[i] = roc_auc(labels, scores)
+    return pr, roc
+
+
+def pearson_delta(delta_pred: np.ndarray, delta_real: np.ndarray) -> np.ndarray:
+    """Per-row ``scipy.stats.pearsonr(pred, real)`` of the deltas (NaN for a constant row)."""
+    import warnings
+
+    from scipy.stats import pearsonr
+
+    out = np.empty(delta_pred.shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(out.size):
+            out[i] = float(pearsonr(delta_pred[i], delta_real[i])[0])
+    return out
+
+
+def mean_error(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
+    """Per-row ``mean(|b - a|)`` (``kind="mae"``) or ``mean((b - a)**2)`` (``"mse"``), sklearn's reduction."""
+    out = np.empty(a.shape[0])
+    for i in range(out.size):
+        d = b[i] - a[i]
+        out[i] = float(np.mean(np.abs(d) if kind == "mae" else d**2))
+    return out
+
+
+def _row_norms_sq(X: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", X, X)
+
+
+def euclidean(X: np.ndarray, Y: np.ndarray | None = None) -> np.ndarray:
+    """sklearn ``euclidean_distances(X, Y)`` for dense inputs (``Y=None``: ``X`` with itself, zero diagonal)."""
+    same = Y is None
+    Y = X if same else Y
+    if X.dtype == np.float32 or Y.dtype == np.float32:
+        n_x, n_y, n_f = X.shape[0], Y.shape[0], X.shape[1]
+        maxmem = max(((n_x + n_y) * n_f + n_x * n_y) / 10, 10 * 2**17)
+        tmp = 2 * n_f
+        batch = max(int((-tmp + math.sqrt(tmp**2 + 4 * maxmem)) / 2), 1)
+        D = np.empty((n_x, n_y), dtype=np.float32)
+        xs = _batches(n_x, batch)
+        for i, xsl in enumerate(xs):
+            Xc = X[xsl].astype(np.float64)
+            XXc = _row_norms_sq(Xc)[:, None]
+            for j, ysl in enumerate(_batches(n_y, batch)):
+                if same and j < i:
+                    d = D[ysl, xsl].T
+                else:
+                    Yc = Y[ysl].astype(np.float64)
+                    YYc = _row_norms_sq(Yc)[None, :]
+                    d = -2 * (Xc @ Yc.T)
+                    d += XXc
+                    d += YYc
+                D[xsl, ysl] = d.astype(np.float32, copy=False)
+    else:
+        XX = _row_norms_sq(X)[:, None]
+        YY = XX.T if same else _row_norms_sq(Y)[None, :]
+        D = -2 * (X @ Y.T)
+        D += XX
+        D += YY
+    np.maximum(D, 0, out=D)
+    if same:
+        np.fill_diagonal(D, 0)
+    np.sqrt(D, out=D)
+    return D
+
+
+def _batches(n: int, size: int) -> list[slice]:
+    out, start = [], 0
+    for _ in range(n // size):
+        out.append(slice(start, start + size))
+        start += size
+    if start < n:
+        out.append(slice(start, n))
+    return out
+
+
+def _cosine(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    def _norm(A):
+        A = A.copy()
+        n = np.sqrt(_row_norms_sq(A))
+        n[n < 10 * np.finfo(n.dtype).eps] = 1.0
+        A /= n[:, None]
+        return A
+
+    S = _norm(X) @ _norm(Y).T
+    S *= -1
+    S += 1
+    return np.clip(S, 0.0, 2.0)
+
+
+def discrimination(
+    delta_real: np.ndarray, delta_pred: np.ndarray, perts: Sequence[str], genes: Sequence[str], metric: str
+) -> np.ndarray:
+    """PDS with ``metric`` in ``l2``/``cosine`` (``l1`` lives in ``_metrics``): same rank rule, target excluded."""
+    perts = np.asarray(perts, dtype=str)
+    genes = np.asarray(genes, dtype=str)
+    out = np.empty(perts.size)
+    for i, p in enumerate(perts):
+        keep = np.flatnonzero(genes != p)
+        R = np.ascontiguousarray(delta_real[:, keep])
+        q = np.ascontiguousarray(delta_pred[i, keep].reshape(1, -1))
+        if R.dtype != q.dtype:
+            R, q = R.astype(np.float64), q.astype(np.float64)
+        dist = (euclidean(R, q) if metric == "l2" else _cosine(R, q)).ravel()
+        rank = int(np.flatnonzero(np.argsort(dist) == i)[0])
+        out[i] = 1 - rank / perts.size
+    return out
+
+
+def _dense(M) -> np.ndarray:
+    return np.ascontiguousarray(M.toarray() if hasattr(M, "toarray") else M)
+
+
+def edistance_pearson(real, pred, perts: Sequence[str], control: str) -> float:
+    """``pearson_edistance``: Pearson r between the real and predicted energy distances to control.
+
+    For each side and perturbation: ``2 mean(d(x, c)) - mean(d(x, x')) - mean(d(c, c'))`` with the
+    Euclidean distances above over single cells (``x``: the perturbation's cells, ``c``: the
+    file's control cells), each mean taken over the float32/float64 distance matrix. Quadratic in
+    the number of control cells: meant for small and medium files.
+    """
+    from scipy.stats import pearsonr
+
+    out = []
+    for side in (real, pred):
+        ctrl = _dense(side.X[np.flatnonzero(side.labels == control)])
+        sig_c = euclidean(ctrl).mean()
+        d = np.zeros(len(perts))
+        for i, p in enumerate(perts):
+            x = _dense(side.X[np.flatnonzero(side.labels == p)])
+            sx = euclidean(x).mean()
+            dl = euclidean(x, ctrl).mean()
+            d[i] = 2 * dl - sx - sig_c
+        out.append(d)
+    return float(pearsonr(out[0], out[1]).correlation)

@@ -1,0 +1,222 @@
+"""Array kernels of the VCC metrics (pure numpy/scipy; no AnnData).
+
+Each function documents the exact rule of cell-eval 0.8.2 it reproduces.
+
+Pseudobulks (cell-eval ``PerturbationAnndataPair._bulk_anndata``)
+    The mean of every gene over the cells of each label, *including* the control label. The sum is
+    accumulated in float64 and the mean is cast back to the matrix dtype (float32 stays float32,
+    which is what a polars ``group_by().mean()`` on float32 columns returns). Labels are sorted
+    (``np.unique`` order).
+
+Deltas
+    ``pseudobulk[pert] - pseudobulk[control]`` of the *same* file, in the matrix dtype; the real and
+    the predicted deltas each use their own file's control cells (unless the caller substitutes the
+    real controls, see ``control_source``).
+
+MAE (``mae``)
+    ``mean(|pseudobulk_pred[pert] - pseudobulk_real[pert]|)`` over all genes, on the pseudobulks
+    themselves (not the deltas), in numpy's promotion of the two dtypes (float32 if both are).
+
+PDS (``discrimination_score_l1``)
+    For perturbation ``p``: the L1 (``scipy.spatial.distance.cdist(..., "cityblock")``, float64)
+    distances between the predicted delta of ``p`` and the real delta of every perturbation, over the
+    genes whose *name* differs from ``p`` (a perturbation that is not a gene name excludes nothing);
+    ``rank`` = position of ``p`` in ``np.argsort(distances)`` (numpy's default sort, so ties keep
+    numpy's order); score = ``1 - rank / P``, ``P`` = number of non-control perturbations.
+
+DES (``overlap_at_N``; cell-eval ``DEComparison.compute_overlap`` with ``k=None``)
+    On each DE table, ``fdr`` and ``log2_fold_change`` are cast to float32 and genes with
+    ``fdr < 0.05`` are kept; they are ranked by ``|lfc|`` descending with NaN first, then +inf, then
+    finite values, ties broken by the table's row order (gene order). With ``n`` = the number of
+    significant real genes, the score is ``|top_n(real) & top_n(pred)| / n`` (the predicted list is
+    truncated to ``n`` and may be shorter). A perturbation with no significant real gene scores 0;
+    if *no* perturbation has a significant gene on either side, every score is 0.
+
+Aggregation (polars ``DataFrame.describe`` as used by ``agg_results.csv``)
+    Rows ``count, null_count, mean, std, min, 25%, 50%, 75%, max`` per metric column; ``count``
+    counts non-null values (NaN included), ``mean``/``std`` (ddof=1) propagate NaN, ``min``/``max``
+    ignore NaN, the quantiles use the "nearest" rule on the non-null values sorted with NaN last,
+    index ``round_half_away((n - 1) * q)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = [
+    "FDR_THRESHOLD",
+    "pseudobulk",
+    "mae",
+    "discrimination_l1",
+    "rank_significant",
+    "overlap_at_n",
+    "describe",
+    "DESCRIBE_ROWS",
+    "category_codes",
+]
+
+FDR_THRESHOLD = 0.05
+DESCRIBE_ROWS = ("count", "null_count", "mean", "std", "min", "25%", "50%", "75%", "max")
+
+_DENSE_CHUNK = 4096  # rows per float64 block when summing a dense matrix
+
+
+def pseudobulk(X: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Mean of each group's rows, ``(n_groups, n_genes)`` in ``X``'s dtype (float64 accumulation).
+
+    ``X`` is ``(n_cells, n_genes)`` CSR or dense; ``codes`` is ``(n_cells,)`` int with values in
+    ``[0, n_groups)`` (``-1`` = ignore the row). Never densifies a sparse ``X``.
+    """
+    n_genes = X.shape[1]
+    codes = np.asarray(codes, dtype=np.int64)
+    sizes = np.bincount(codes[codes >= 0], minlength=n_groups).astype(np.float64)
+    if sp.issparse(X):
+        from celltwin.eval._rowops import group_sums_csr
+
+        X = X.tocsr()
+        sums = group_sums_csr(X.indptr, X.indices, X.data, codes, n_groups, n_genes)
+        dtype = X.dtype
+    else:
+        X = np.asarray(X)
+        dtype = X.dtype
+        sums = np.zeros((n_groups, n_genes), dtype=np.float64)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(n_groups + 1))
+        for g in range(n_groups):
+            rows = order[bounds[g] : bounds[g + 1]]
+            for s in range(0, rows.size, _DENSE_CHUNK):
+                sums[g] += X[rows[s : s + _DENSE_CHUNK]].sum(axis=0, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / sizes[:, None]
+    return means.astype(dtype)
+
+
+def mae(bulk_pred: np.ndarray, bulk_real: np.ndarray) -> np.ndarray:
+    """Per-row mean absolute error of two ``(P, G)`` pseudobulk matrices -> ``(P,)`` float64.
+
+    Each row is reduced exactly as sklearn's ``mean_absolute_error`` does on 1-D inputs
+    (``np.mean`` of the absolute differences in the promoted dtype).
+    """
+    out = np.empty(bulk_pred.shape[0], dtype=np.float64)
+    for i in range(bulk_pred.shape[0]):
+        out[i] = float(np.mean(np.abs(bulk_real[i] - bulk_pred[i])))
+    return out
+
+
+def discrimination_l1(
+    delta_real: np.ndarray, delta_pred: np.ndarray, perts: Sequence[str], genes: Sequence[str]
+) -> np.ndarray:
+    """PDS with L1 distance, target gene excluded by name -> ``(P,)`` float64 in ``[1/P, 1]``.
+
+    ``delta_real`` and ``delta_pred`` are ``(P, G)``, row ``i`` belonging to ``perts[i]``.
+    """
+    from scipy.spatial.distance import cdist
+
+    perts = np.asarray(perts, dtype=str)
+    genes = np.asarray(genes, dtype=str)
+    n = perts.size
+    out = np.empty(n, dtype=np.float64)
+    for i, p in enumerate(perts):
+        keep = np.flatnonzero(genes != p)
+        dist = cdist(delta_real[:, keep], delta_pred[i, keep].reshape(1, -1), "cityblock").ravel()
+        rank = int(np.flatnonzero(np.argsort(dist) == i)[0])
+        out[i] = 1 - rank / n
+    return out
+
+
+def rank_significant(
+    targets: np.ndarray, features: np.ndarray, lfc: np.ndarray, fdr: np.ndarray, perts: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Significant genes of each perturbation, ordered as the DES metric ranks them.
+
+    Inputs are the DE table's columns in row order. ``fdr`` and ``lfc`` are cast to float32 first;
+    a gene is significant when ``fdr32 < 0.05``; the order is ``|lfc32|`` descending with NaN first,
+    then +inf, then finite values, ties by row order (a stable sort). Returns ``{pert: features}``,
+    an empty array for a perturbation without significant genes.
+    """
+    codes = category_codes(targets, perts)
+    fdr32 = np.asarray(fdr, dtype=np.float64).astype(np.float32)
+    sig = (fdr32 < FDR_THRESHOLD) & (codes >= 0)
+    rows_sig = np.flatnonzero(sig)
+    c_sig = codes[rows_sig]
+    a_sig = np.abs(np.asarray(lfc, dtype=np.float64)[rows_sig].astype(np.float32))
+    f_sig = np.asarray(features)[rows_sig].astype(str)
+    order_t = np.argsort(c_sig, kind="stable")  # group by perturbation, row order kept
+    bounds = np.searchsorted(c_sig[order_t], np.arange(len(perts) + 1))
+    out: dict[str, np.ndarray] = {}
+    for i, p in enumerate(perts):
+        rows = order_t[bounds[i] : bounds[i + 1]]
+        a = a_sig[rows]
+        nan = np.isnan(a)
+        key = np.where(nan, 0.0, -a.astype(np.float64))
+        order = np.lexsort((key, ~nan))  # NaN first, then -|lfc| ascending (+inf first), stable
+        out[str(p)] = f_sig[rows[order]]
+    return out
+
+
+def category_codes(values, categories: Sequence[str]) -> np.ndarray:
+    """Index of each value in ``categories`` (``-1`` when absent), compared as strings (vectorised)."""
+    import pandas as pd
+
+    vals = np.asarray(values)
+    if vals.dtype.kind not in "OU":
+        vals = vals.astype(str)
+    return pd.Categorical(vals, categories=[str(c) for c in categories]).codes.astype(np.int64)
+
+
+def overlap_at_n(
+    real_ranked: dict[str, np.ndarray], pred_ranked: dict[str, np.ndarray], perts: Sequence[str]
+) -> np.ndarray:
+    """DES (``overlap_at_N``) per perturbation -> ``(P,)`` float64 (see module docstring)."""
+    any_real = any(v.size for v in real_ranked.values())
+    any_pred = any(v.size for v in pred_ranked.values())
+    out = np.zeros(len(perts), dtype=np.float64)
+    if not (any_real and any_pred):
+        return out
+    for i, p in enumerate(perts):
+        real, pred = real_ranked[str(p)], pred_ranked[str(p)]
+        k = real.size
+        if k == 0:
+            continue
+        out[i] = np.intersect1d(real[:k], pred[:k]).size / k
+    return out
+
+
+def _nearest_quantile(sorted_vals: np.ndarray, q: float) -> float:
+    n = sorted_vals.size
+    if n == 0:
+        return float("nan")
+    idx = int(np.floor((n - 1) * q + 0.5))
+    return float(sorted_vals[min(idx, n - 1)])
+
+
+def describe(values: np.ndarray, null: np.ndarray | None = None) -> list[float]:
+    """polars ``describe`` statistics of one metric column (see module docstring), as 9 floats.
+
+    ``values`` is ``(P,)`` float64; ``null`` marks missing entries (``None`` = none missing).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    null = np.zeros(values.shape, dtype=bool) if null is None else np.asarray(null, dtype=bool)
+    v = values[~null]
+    n = v.size
+    notnan = v[~np.isnan(v)]
+    mean = float(np.mean(v)) if n else float("nan")
+    std = float(np.std(v, ddof=1)) if n > 1 else float("nan")
+    vmin = float(np.min(notnan)) if notnan.size else (float("nan") if n else float("nan"))
+    vmax = float(np.max(notnan)) if notnan.size else (float("nan") if n else float("nan"))
+    sorted_vals = np.sort(v)  # NaN sorts last in numpy, as in polars
+    return [
+        float(n),
+        float(null.sum()),
+        mean,
+        std,
+        vmin,
+        _nearest_quantile(sorted_vals, 0.25),
+        _nearest_quantile(sorted_vals, 0.5),
+        _nearest_quantile(sorted_vals, 0.75),
+        vmax,
+    ]

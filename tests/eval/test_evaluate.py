@@ -1,0 +1,288 @@
+"""Differential tests: celltwin.eval.evaluate against cell-eval 0.8.2 (MetricsEvaluator) on the same inputs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+ad = pytest.importorskip("anndata")
+cell_eval = pytest.importorskip("cell_eval")
+
+from celltwin.eval import EvalConfig, evaluate  # noqa: E402
+
+CTRL = "non-targeting"
+COL = "target_gene"
+N_GENES = 40
+
+
+def _screen(
+    seed: int,
+    *,
+    counts: bool,
+    sparse: bool,
+    dtype,
+    tie_perts: bool = False,
+    null_pert: bool = False,
+    tie_genes: bool = False,
+    explicit_zeros: bool = False,
+):
+    """A tiny screen: 36 controls, 7 perturbations x 10 cells, one named like a gene ("G3")."""
+    rng = np.random.default_rng(seed)
+    perts = [CTRL, "A", "B", "C", "D", "E", "G3", "F"]
+    base = rng.gamma(2.0, 1.0, N_GENES)
+    rows, labels = [], []
+    for p in perts:
+        k = 36 if p == CTRL else 10
+        mu = base.copy()
+        if p != CTRL and not (null_pert and p == "F"):
+            hit = rng.choice(N_GENES, 6, replace=False)
+            mu[hit] *= rng.choice([0.1, 4.0], 6)
+        rows.append(rng.poisson(mu, (k, N_GENES)).astype(np.float64))
+        labels += [p] * k
+    X = np.vstack(rows)
+    lab = np.array(labels)
+    if tie_perts:  # "B" gets exactly the cells of "A": identical deltas, tied PDS distances
+        X[lab == "B"] = X[lab == "A"]
+    if null_pert:  # "F" = copies of control cells: no significant gene
+        X[lab == "F"] = X[lab == CTRL][:10]
+    if tie_genes:  # genes 5 and 6 identical everywhere: tied |lfc| and p-values
+        X[:, 6] = X[:, 5]
+    if not counts:
+        X = np.log1p(X / np.maximum(X.sum(1, keepdims=True), 1) * 500.0)
+    X = X.astype(dtype)
+    if sparse:
+        M = sp.csr_matrix(X)
+        if explicit_zeros:  # store a few zeros explicitly
+            coo = M.tocoo()
+            zr = rng.integers(0, X.shape[0], 15)
+            zc = rng.integers(0, N_GENES, 15)
+            mask = X[zr, zc] == 0
+            M = sp.csr_matrix(
+                (
+                    np.concatenate([coo.data, np.zeros(mask.sum(), dtype=dtype)]),
+                    (np.concatenate([coo.row, zr[mask]]), np.concatenate([coo.col, zc[mask]])),
+                ),
+                shape=X.shape,
+            )
+            M.sum_duplicates()
+            M = sp.csr_matrix((M.data, M.indices, M.indptr), shape=X.shape)
+        X = M
+    a = ad.AnnData(X)
+    a.obs[COL] = pd.Categorical(lab)
+    a.var_names = [f"G{i}" for i in range(N_GENES)]
+    a.obs_names = [f"c{i}" for i in range(a.n_obs)]
+    return a
+
+
+def _cell_eval(pred, real, tmp_path, profile="vcc"):
+    from cell_eval import MetricsEvaluator
+
+    logging.disable(logging.CRITICAL)
+    try:
+        ev = MetricsEvaluator(
+            pred.copy(),
+            real.copy(),
+            control_pert=CTRL,
+            pert_col=COL,
+            num_threads=1,
+            outdir=str(tmp_path / "ce"),
+            skip_de=profile == "pds",
+        )
+        res, agg = ev.compute(profile=profile, write_csv=False, break_on_error=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    return res.to_pandas(), agg.to_pandas()
+
+
+def _assert_same(ours, ref_res, ref_agg):
+    assert list(ours.results.columns) == list(ref_res.columns)
+    assert ours.results["perturbation"].tolist() == ref_res["perturbation"].tolist()
+    for c in ref_res.columns[1:]:
+        np.testing.assert_allclose(
+            ours.results[c].to_numpy(float), ref_res[c].to_numpy(float), rtol=0, atol=1e-12
+        )
+    assert list(ours.agg.columns) == list(ref_agg.columns)
+    assert ours.agg["statistic"].tolist() == ref_agg["statistic"].tolist()
+    for c in ref_agg.columns[1:]:
+        np.testing.assert_allclose(
+            ours.agg[c].to_numpy(float), ref_agg[c].to_numpy(float), rtol=1e-12, atol=1e-12
+        )
+
+
+CASES = {
+    "csr32-counts_vs_dense32-log": (
+        dict(counts=True, sparse=True, dtype=np.float32),
+        dict(counts=False, sparse=False, dtype=np.float32),
+    ),
+    "dense64-counts_vs_csr64-log": (
+        dict(counts=True, sparse=False, dtype=np.float64),
+        dict(counts=False, sparse=True, dtype=np.float64),
+    ),
+    "int-counts_vs_csr32-counts": (
+        dict(counts=True, sparse=True, dtype=np.int64),
+        dict(counts=True, sparse=True, dtype=np.float32),
+    ),
+    "ties_and_null_pert": (
+        dict(counts=True, sparse=True, dtype=np.float32, tie_perts=True, null_pert=True, tie_genes=True),
+        dict(counts=False, sparse=True, dtype=np.float32, tie_perts=True, tie_genes=True),
+    ),
+    "identical_pred_real": (
+        dict(counts=True, sparse=True, dtype=np.float32, tie_genes=True),
+        dict(counts=True, sparse=True, dtype=np.float32, tie_genes=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vcc_matches_cell_eval(case, tmp_path):
+    kr, kp = CASES[case]
+    real = _screen(0, **kr)
+    pred = _screen(0 if case == "identical_pred_real" else 1, **kp)
+    ref_res, ref_agg = _cell_eval(pred, real, tmp_path)
+    ours = evaluate(pred.copy(), real.copy(), config=EvalConfig())
+    _assert_same(ours, ref_res, ref_agg)
+    if case == "identical_pred_real":  # a perfect prediction: DES 1, MAE 0
+        assert np.all(ours.results["overlap_at_N"] == 1.0)
+        assert np.all(ours.results["mae"] == 0.0)
+    if case == "ties_and_null_pert":
+        row = ours.results.set_index("perturbation")
+        assert row.loc["F", "overlap_at_N"] == 0.0  # no significant real gene
+
+
+def test_explicit_zeros_equal_eliminated(tmp_path):
+    real = _screen(0, counts=True, sparse=True, dtype=np.float32, explicit_zeros=True)
+    pred = _screen(1, counts=False, sparse=True, dtype=np.float32, explicit_zeros=True)
+    assert (real.X.data == 0).any() and (pred.X.data == 0).any()
+    ours = evaluate(pred.copy(), real.copy(), config=EvalConfig())
+    r2, p2 = real.copy(), pred.copy()
+    r2.X.eliminate_zeros()
+    p2.X.eliminate_zeros()
+    ref_res, ref_agg = _cell_eval(p2, r2, tmp_path)
+    _assert_same(ours, ref_res, ref_agg)
+
+
+def test_pds_profile_matches(tmp_path):
+    real = _screen(2, counts=True, sparse=False, dtype=np.float32, tie_perts=True)
+    pred = _screen(3, counts=False, sparse=True, dtype=np.float32, tie_perts=True)
+    ref_res, ref_agg = _cell_eval(pred, real, tmp_path, profile="pds")
+    ours = evaluate(pred.copy(), real.copy(), config=EvalConfig(profile="pds"))
+    assert ours.de_real is None
+    _assert_same(ours, ref_res, ref_agg)
+
+
+def test_control_source_real_equals_substituted_controls(tmp_path):
+    real = _screen(0, counts=False, sparse=True, dtype=np.float32)
+    pred = _screen(4, counts=False, sparse=True, dtype=np.float32)
+    ours = evaluate(pred.copy(), real.copy(), config=EvalConfig(control_source="real"))
+    # reference: cell-eval on a prediction whose control cells are the real ones
+    keep = (pred.obs[COL] != CTRL).to_numpy()
+    sub = ad.concat([pred[keep], real[(real.obs[COL] == CTRL).to_numpy()]])
+    sub.obs_names_make_unique()
+    ref_res, ref_agg = _cell_eval(sub, real, tmp_path)
+    _assert_same(ours, ref_res, ref_agg)
+    # and the default really uses the predicted controls (the scores differ)
+    own = evaluate(pred.copy(), real.copy(), config=EvalConfig())
+    assert not np.allclose(own.results["mae"], ours.results["mae"]) or not np.allclose(
+        own.results["discrimination_score_l1"], ours.results["discrimination_score_l1"]
+    )
+
+
+def test_reorder_genes(tmp_path):
+    real = _screen(0, counts=True, sparse=True, dtype=np.float32)
+    pred = _screen(1, counts=False, sparse=True, dtype=np.float32)
+    ref = evaluate(pred.copy(), real.copy(), config=EvalConfig())
+    perm = np.random.default_rng(0).permutation(N_GENES)
+    shuffled = pred[:, perm].copy()
+    got = evaluate(shuffled, real.copy(), config=EvalConfig(reorder_genes=True))
+    pd.testing.assert_frame_equal(got.results, ref.results)
+
+
+def test_write_outputs(tmp_path):
+    real = _screen(0, counts=True, sparse=True, dtype=np.float32)
+    pred = _screen(1, counts=False, sparse=True, dtype=np.float32)
+    res = evaluate(pred, real, config=EvalConfig())
+    paths = {p.name for p in res.write(tmp_path / "out")}
+    assert {
+        "results.csv",
+        "agg_results.csv",
+        "real_de.csv",
+        "pred_de.csv",
+        "report.md",
+        "scores.png",
+        "effects.png",
+        "de_counts.png",
+    } <= paths
+    back = pd.read_csv(tmp_path / "out" / "results.csv")
+    np.testing.assert_array_equal(back["mae"].to_numpy(), res.results["mae"].to_numpy())
+    de = pd.read_csv(tmp_path / "out" / "real_de.csv")
+    assert len(de) == 7 * N_GENES
+    assert not list((tmp_path / "out").glob(".*tmp*"))  # no temporary file left behind
+
+
+FULL_CASES = {
+    "csr32-counts_vs_dense32-log_null": (
+        dict(counts=True, sparse=True, dtype=np.float32, null_pert=True, tie_genes=True),
+        dict(counts=False, sparse=False, dtype=np.float32, tie_genes=True),
+    ),
+    "dense64-log_vs_csr64-counts_ties": (
+        dict(counts=False, sparse=False, dtype=np.float64, tie_perts=True),
+        dict(counts=True, sparse=True, dtype=np.float64, tie_perts=True),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FULL_CASES))
+def test_full_profile_matches_cell_eval(case, tmp_path):
+    """Every full-profile column except clustering_agreement, values and null/NaN placement in results.csv."""
+    from cell_eval import MetricsEvaluator
+
+    kr, kp = FULL_CASES[case]
+    real, pred = _screen(0, **kr), _screen(1, **kp)
+    logging.disable(logging.CRITICAL)
+    try:
+        ev = MetricsEvaluator(
+            pred.copy(),
+            real.copy(),
+            control_pert=CTRL,
+            pert_col=COL,
+            num_threads=1,
+            outdir=str(tmp_path / "ce"),
+        )
+        ref_res, ref_agg = ev.compute(
+            profile="full", skip_metrics=["clustering_agreement"], break_on_error=True
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    ours = evaluate(pred.copy(), real.copy(), config=EvalConfig(profile="full"))
+    ref_res, ref_agg = ref_res.to_pandas(), ref_agg.to_pandas()
+    assert list(ours.results.columns) == list(ref_res.columns)
+    for c in ref_res.columns[1:]:
+        np.testing.assert_allclose(
+            ours.results[c].to_numpy(float),
+            ref_res[c].to_numpy(float),
+            rtol=0,
+            atol=1e-12,
+            equal_nan=True,
+            err_msg=c,
+        )
+    for c in ref_agg.columns[1:]:
+        np.testing.assert_allclose(
+            ours.agg[c].to_numpy(float),
+            ref_agg[c].to_numpy(float),
+            rtol=1e-12,
+            atol=1e-12,
+            equal_nan=True,
+            err_msg=c,
+        )
+    ours.write(tmp_path / "ours", report=False)
+    a = pd.read_csv(tmp_path / "ce" / "results.csv", keep_default_na=False, dtype=str)
+    b = pd.read_csv(tmp_path / "ours" / "results.csv", keep_default_na=False, dtype=str)
+    assert list(a.columns) == list(b.columns)
+    assert ((a == "") == (b == "")).all().all()  # nulls in the same cells
+    assert ((a == "NaN") == (b == "NaN")).all().all()  # NaNs in the same cells
+    if "null" in case:
+        assert (b == "").to_numpy().any()  # the null perturbation really produced nulls
