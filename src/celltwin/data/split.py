@@ -1,0 +1,394 @@
+"""Train / val / test splits in the TOML format used by cell-load / STATE, and their resolution.
+
+File format (as publicly documented for STATE's ``state tx train``)::
+
+    [datasets]                # dataset name -> data location (celltwin: an .h5ad file; a relative
+    replogle = "data.h5ad"    # path is relative to the TOML file's folder)
+
+    [training]                # datasets whose contexts are training data unless overridden below
+    replogle = "train"
+
+    [zeroshot]                # whole contexts held out: "dataset.context" = "val" | "test"
+    "replogle.jurkat" = "test"
+
+    [fewshot]                 # perturbations held out inside a context
+    [fewshot."replogle.k562"]
+    val = ["GENE1"]
+    test = ["GENE2", "GENE3"]
+
+A key ``"dataset.context"`` is split at the first dot: dataset names cannot contain dots, context
+names can. Differences from cell-load: a ``[datasets]`` value names one ``.h5ad`` file (not a
+folder of files); celltwin accepts only ``"train"`` as a ``[training]`` value.
+
+Resolution (:func:`resolve_split`) assigns each cell of one dataset:
+
+* zero-shot context with value v: perturbed cells -> v; its control cells -> ``v_controls`` only
+  (they are never training data by default: the only cells of that context a model sees are its
+  controls, as prediction inputs; ``zeroshot_controls_in_train=True`` also puts them in train);
+* few-shot context: cells of the listed perturbations -> val / test; every other perturbed cell
+  *and all control cells* of the context -> train; the same control cells are also returned as
+  ``val_controls`` / ``test_controls`` (the basal inputs and the evaluator's control reference);
+* any other context of a dataset listed in ``[training]``: every cell -> train;
+* contexts of datasets not in ``[training]`` and not named in an override: unused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from celltwin._io import atomic_path
+from celltwin.data.columns import ObsColumns, require_columns
+from celltwin.errors import ConfigError, InputError
+
+__all__ = ["Split", "SplitIndices", "read_split", "resolve_split", "make_split", "split_key"]
+
+_ROLES = ("val", "test")
+
+
+def split_key(dataset: str, context: str) -> str:
+    """The ``"dataset.context"`` key of a zero-shot / few-shot entry."""
+    return f"{dataset}.{context}"
+
+
+def _parse_key(key: str, datasets: dict[str, str], where: str) -> tuple[str, str]:
+    ds, sep, ctx = key.partition(".")
+    if not sep or not ctx:
+        msg = f'{where}: key {key!r} must be "dataset.context"'
+        raise ConfigError(msg)
+    if ds not in datasets:
+        known = ", ".join(datasets) or "none"
+        msg = f"{where}: key {key!r} names dataset {ds!r}, which is not in [datasets] ({known})"
+        raise ConfigError(msg)
+    return ds, ctx
+
+
+@dataclass
+class Split:
+    """A split file's content. ``path`` (where it was read from) anchors relative dataset paths."""
+
+    datasets: dict[str, str]
+    training: dict[str, str] = field(default_factory=dict)
+    zeroshot: dict[str, str] = field(default_factory=dict)
+    fewshot: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    path: Path | None = None
+    comment: str = ""
+
+    def __post_init__(self) -> None:
+        where = str(self.path) if self.path else "split"
+        for name in self.datasets:
+            if "." in name or not name:
+                msg = f"{where}: [datasets] name {name!r} must be non-empty and contain no '.'"
+                raise ConfigError(msg)
+        for name, v in self.training.items():
+            if name not in self.datasets:
+                known = ", ".join(self.datasets)
+                msg = f"{where}: [training] names dataset {name!r}, not in [datasets] ({known})"
+                raise ConfigError(msg)
+            if v != "train":
+                msg = f'{where}: [training] {name} = {v!r}; expected "train"'
+                raise ConfigError(msg)
+        for key, v in self.zeroshot.items():
+            _parse_key(key, self.datasets, f"{where}: [zeroshot]")
+            if v not in _ROLES:
+                msg = f'{where}: [zeroshot] {key!r} = {v!r}; expected "val" or "test"'
+                raise ConfigError(msg)
+        for key, entry in self.fewshot.items():
+            _parse_key(key, self.datasets, f"{where}: [fewshot]")
+            if key in self.zeroshot:
+                msg = f"{where}: context {key!r} is in both [zeroshot] and [fewshot]"
+                raise ConfigError(msg)
+            if not isinstance(entry, dict) or set(entry) - set(_ROLES):
+                got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+                msg = f"{where}: [fewshot.{json.dumps(key)}] expects only 'val' and 'test' lists, got {got}"
+                raise ConfigError(msg)
+            for role in _ROLES:
+                vals = entry.setdefault(role, [])
+                if not isinstance(vals, list) or not all(isinstance(x, str) for x in vals):
+                    msg = f"{where}: [fewshot.{json.dumps(key)}] {role} must be a list of strings"
+                    raise ConfigError(msg)
+            both = sorted(set(entry["val"]) & set(entry["test"]))
+            if both:
+                msg = (
+                    f"{where}: [fewshot.{json.dumps(key)}] perturbation(s) in both val and test: "
+                    f"{', '.join(both)}"
+                )
+                raise ConfigError(msg)
+
+    def dataset_path(self, name: str) -> Path:
+        """The file of dataset ``name``; relative paths are taken from the split file's folder."""
+        if name not in self.datasets:
+            msg = f"{self.path or 'split'}: dataset {name!r} not in [datasets] ({', '.join(self.datasets)})"
+            raise ConfigError(msg)
+        p = Path(self.datasets[name])
+        if not p.is_absolute() and self.path is not None:
+            p = Path(self.path).parent / p
+        return p
+
+    def to_toml(self) -> str:
+        """TOML text of the split (strings and keys written as JSON-escaped basic strings)."""
+        q = json.dumps
+        lines: list[str] = []
+        if self.comment:
+            lines += [f"# {ln}" for ln in self.comment.splitlines()] + [""]
+        lines.append("[datasets]")
+        lines += [f"{q(k)} = {q(v)}" for k, v in self.datasets.items()]
+        lines += ["", "[training]"]
+        lines += [f"{q(k)} = {q(v)}" for k, v in self.training.items()]
+        lines += ["", "[zeroshot]"]
+        lines += [f"{q(k)} = {q(v)}" for k, v in self.zeroshot.items()]
+        lines += ["", "[fewshot]"]
+        for k, entry in self.fewshot.items():
+            lines += ["", f"[fewshot.{q(k)}]"]
+            for role in _ROLES:
+                lines.append(f"{role} = [{', '.join(q(x) for x in entry.get(role, []))}]")
+        return "\n".join(lines) + "\n"
+
+    def write(self, path: str | os.PathLike[str]) -> None:
+        """Write the TOML file atomically."""
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(self.to_toml(), encoding="utf-8")
+
+
+def read_split(path: str | os.PathLike[str]) -> Split:
+    """Parse a split TOML file; ConfigError (naming the file) on syntax or schema errors."""
+    p = Path(path)
+    if not p.exists():
+        msg = f"{p}: split file not found"
+        raise InputError(msg)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        msg = f"{p}: invalid TOML ({e})"
+        raise ConfigError(msg) from e
+    unknown = sorted(set(doc) - {"datasets", "training", "zeroshot", "fewshot"})
+    if unknown:
+        msg = f"{p}: unknown section(s) {', '.join(unknown)}; expected datasets, training, zeroshot, fewshot"
+        raise ConfigError(msg)
+    if not doc.get("datasets"):
+        msg = f"{p}: [datasets] is missing or empty"
+        raise ConfigError(msg)
+    for sec in ("datasets", "training", "zeroshot"):
+        bad = [k for k, v in doc.get(sec, {}).items() if not isinstance(v, str)]
+        if bad:
+            msg = f"{p}: [{sec}] values must be strings; not for {', '.join(bad)}"
+            raise ConfigError(msg)
+    fewshot = {
+        k: {r: list(v) for r, v in e.items()} if isinstance(e, dict) else e
+        for k, e in doc.get("fewshot", {}).items()
+    }
+    return Split(
+        datasets=dict(doc["datasets"]),
+        training=dict(doc.get("training", {})),
+        zeroshot=dict(doc.get("zeroshot", {})),
+        fewshot=fewshot,
+        path=p,
+    )
+
+
+@dataclass
+class SplitIndices:
+    """Global row ids (sorted int64) of each part of a resolved split (see module docstring)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    val_controls: np.ndarray
+    test_controls: np.ndarray
+
+    def summary(self) -> dict[str, int]:
+        return {
+            k: int(getattr(self, k).size) for k in ("train", "val", "test", "val_controls", "test_controls")
+        }
+
+
+def resolve_split(
+    split: Split,
+    obs: pd.DataFrame,
+    columns: ObsColumns,
+    dataset: str | None = None,
+    where: str = "data",
+    zeroshot_controls_in_train: bool = False,
+) -> SplitIndices:
+    """Assign the cells of one dataset (its ``obs``) to train / val / test (+ control sets).
+
+    ``dataset`` defaults to the split's only dataset. Raises :class:`InputError` when the split
+    names a context absent from ``obs``, a few-shot perturbation absent from its context, or a
+    held-out context without control cells.
+    """
+    if dataset is None:
+        if len(split.datasets) != 1:
+            known = ", ".join(split.datasets)
+            msg = f"{split.path or 'split'}: several datasets ({known}); say which one to resolve"
+            raise ConfigError(msg)
+        dataset = next(iter(split.datasets))
+    elif dataset not in split.datasets:
+        msg = f"{split.path or 'split'}: dataset {dataset!r} not in [datasets] ({', '.join(split.datasets)})"
+        raise ConfigError(msg)
+    require_columns(obs, [columns.pert_col, columns.context_col], where)
+    sp_where = str(split.path or "split")
+    pert = columns.perturbations(obs)
+    ctx = columns.contexts(obs)
+    is_ctrl = pert == columns.control_label
+    known_ctx = set(np.unique(ctx))
+
+    def ctx_of(key: str) -> str | None:
+        ds, c = _parse_key(key, split.datasets, sp_where)
+        if ds != dataset:
+            return None
+        if c not in known_ctx:
+            col = columns.context_col or "(no context column: the one context is 'all')"
+            msg = (
+                f"{sp_where}: context {c!r} (key {key!r}) not found in {where} column {col}; "
+                f"available: {', '.join(sorted(known_ctx))}"
+            )
+            raise InputError(msg)
+        if not (is_ctrl & (ctx == c)).any():
+            msg = f"{where}: held-out context {c!r} has no control cells ({columns.control_label!r})"
+            raise InputError(msg)
+        return c
+
+    n = len(obs)
+    role = np.full(n, "", dtype=object)  # "", train, val, test, val_controls, test_controls
+    if dataset in split.training:
+        role[:] = "train"
+    extra_val_ctrl = np.zeros(n, bool)
+    extra_test_ctrl = np.zeros(n, bool)
+    for key, v in split.zeroshot.items():
+        c = ctx_of(key)
+        if c is None:
+            continue
+        m = ctx == c
+        role[m & ~is_ctrl] = v
+        if zeroshot_controls_in_train:
+            role[m & is_ctrl] = "train"
+            (extra_val_ctrl if v == "val" else extra_test_ctrl)[m & is_ctrl] = True
+        else:
+            role[m & is_ctrl] = f"{v}_controls"
+    for key, entry in split.fewshot.items():
+        c = ctx_of(key)
+        if c is None:
+            continue
+        m = ctx == c
+        present = set(np.unique(pert[m & ~is_ctrl]))
+        for r in _ROLES:
+            missing = [p for p in entry[r] if p not in present]
+            if missing:
+                msg = (
+                    f"{sp_where}: [fewshot.{json.dumps(key)}] {r} perturbation(s) with no cells in context "
+                    f"{c!r} of {where}: {', '.join(missing)}"
+                )
+                raise InputError(msg)
+        role[m] = "train"
+        for r in _ROLES:
+            role[m & np.isin(pert, entry[r])] = r
+        if entry["val"]:
+            extra_val_ctrl |= m & is_ctrl
+        if entry["test"]:
+            extra_test_ctrl |= m & is_ctrl
+
+    def rows(mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask).astype(np.int64)
+
+    out = SplitIndices(
+        train=rows(role == "train"),
+        val=rows(role == "val"),
+        test=rows(role == "test"),
+        val_controls=rows((role == "val_controls") | extra_val_ctrl),
+        test_controls=rows((role == "test_controls") | extra_test_ctrl),
+    )
+    if out.train.size == 0:
+        warnings.warn(f"{sp_where}: no training cells in dataset {dataset!r} of {where}", stacklevel=2)
+    return out
+
+
+def _count(value: float, total: int, what: str) -> int:
+    if value < 0:
+        msg = f"{what}: expected >= 0, got {value}"
+        raise ConfigError(msg)
+    if 0 < value < 1:
+        return max(1, round(value * total))
+    if value != int(value):
+        msg = f"{what}: expected an integer count or a fraction in (0, 1), got {value}"
+        raise ConfigError(msg)
+    return int(value)
+
+
+def make_split(
+    obs: pd.DataFrame,
+    columns: ObsColumns,
+    target: str,
+    holdout: float = 0,
+    seed: int = 0,
+    kind: str = "fewshot",
+    val: float = 0,
+    dataset: str = "data",
+    data_path: str = "",
+    min_cells: int = 1,
+    where: str = "data",
+) -> Split:
+    """Build a few-shot or zero-shot split around the ``target`` context.
+
+    fewshot
+        Among the target context's perturbations with at least ``min_cells`` cells (sorted by
+        name, then permuted with ``default_rng(seed)``), the first ``holdout`` go to test and the
+        next ``val`` to val. ``holdout`` / ``val`` are counts (>= 1) or fractions in (0, 1)
+        (rounded, at least 1). Perturbations with fewer than ``min_cells`` cells are never held out
+        (policy: they stay training data). The target context's controls and remaining
+        perturbations are training data; every other context is training data.
+    zeroshot
+        The whole target context goes to test (``holdout`` and ``val`` are ignored); only its
+        controls are seen (as prediction inputs, see :func:`resolve_split`).
+    """
+    require_columns(obs, [columns.pert_col, columns.context_col], where)
+    if kind not in ("fewshot", "zeroshot"):
+        msg = f"split kind: expected 'fewshot' or 'zeroshot', got {kind!r}"
+        raise ConfigError(msg)
+    if "." in dataset or not dataset:
+        msg = f"dataset name {dataset!r}: must be non-empty and contain no '.'"
+        raise ConfigError(msg)
+    pert = columns.perturbations(obs)
+    ctx = columns.contexts(obs)
+    contexts = sorted(set(ctx))
+    if target not in contexts:
+        col = columns.context_col or "(none)"
+        msg = (
+            f"{where}: target context {target!r} not found in column {col}; available: {', '.join(contexts)}"
+        )
+        raise InputError(msg)
+    is_ctrl = pert == columns.control_label
+    if not (is_ctrl & (ctx == target)).any():
+        msg = f"{where}: target context {target!r} has no control cells ({columns.control_label!r})"
+        raise InputError(msg)
+    sp = Split(datasets={dataset: data_path}, training={dataset: "train"})
+    key = split_key(dataset, target)
+    if kind == "zeroshot":
+        sp.zeroshot[key] = "test"
+        sp.comment = f"celltwin split: zeroshot, target context {target!r}"
+        return sp
+    counts = pd.Series(pert[(ctx == target) & ~is_ctrl]).value_counts()
+    eligible = sorted(str(p) for p, c in counts.items() if c >= min_cells)
+    n_test = _count(holdout, len(eligible), "holdout")
+    n_val = _count(val, len(eligible), "val")
+    if n_test < 1:
+        raise ConfigError("holdout: a few-shot split needs at least one test perturbation")
+    if n_test + n_val > len(eligible):
+        msg = (
+            f"{where}: context {target!r} has {len(eligible)} perturbation(s) with >= {min_cells} cells; "
+            f"cannot hold out {n_test} test + {n_val} val"
+        )
+        raise InputError(msg)
+    order = [eligible[i] for i in np.random.default_rng(seed).permutation(len(eligible))]
+    sp.fewshot[key] = {"val": sorted(order[n_test : n_test + n_val]), "test": sorted(order[:n_test])}
+    sp.comment = (
+        f"celltwin split: fewshot, target context {target!r}, seed {seed}, "
+        f"{n_test} test / {n_val} val of {len(eligible)} perturbations with >= {min_cells} cells"
+    )
+    return sp
