@@ -1,0 +1,203 @@
+"""Sufficient statistics of a training set for the baselines: control means and mean effects.
+
+Everything here is a pure array kernel. Means are accumulated in float64 whatever the input
+dtype (dense or CSR), so float32 and float64 inputs give the same statistics up to input rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from celltwin._constants import COMBO_SEP
+from celltwin.errors import InputError
+
+__all__ = ["group_means", "EffectTable", "fit_effect_table", "combo_parts"]
+
+
+def group_means(X, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group column means of ``X`` (n, G) for integer ``codes`` (n,) in ``[0, n_groups)``.
+
+    Codes < 0 are ignored. Returns ``(means (n_groups, G) float64, counts (n_groups,) int64)``;
+    groups without cells get a row of NaN.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    keep = codes >= 0
+    rows = np.flatnonzero(keep)
+    ind = sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float64), (codes[keep], rows)), shape=(n_groups, codes.size)
+    )
+    Xf = X.astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+    sums = ind @ Xf
+    sums = np.asarray(sums.todense()) if sp.issparse(sums) else np.asarray(sums)
+    counts = np.bincount(codes[keep], minlength=n_groups).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts[:, None]
+    means[counts == 0] = np.nan
+    return means, counts
+
+
+@dataclass
+class EffectTable:
+    """Training statistics in model space (log1p-normalised), shared by every baseline.
+
+    ``control_mean[c]`` is the mean of context ``c``'s control cells; ``pair_effect[k]`` is the mean
+    of the cells of training pair ``(contexts[pair_context[k]], pair_pert[k])`` minus that context's
+    control mean. ``pair_count`` holds the number of cells behind each pair.
+    """
+
+    contexts: list[str]  # C
+    control_mean: np.ndarray  # (C, G) float64
+    control_count: np.ndarray  # (C,) int64
+    pair_context: np.ndarray  # (P,) int64 index into contexts
+    pair_pert: list[str]  # P
+    pair_effect: np.ndarray  # (P, G) float64
+    pair_count: np.ndarray  # (P,) int64
+
+    @property
+    def n_genes(self) -> int:
+        return self.control_mean.shape[1]
+
+    def context_index(self, context: str | None) -> int:
+        """Index of ``context``, or -1 when it is unknown to the training set."""
+        try:
+            return self.contexts.index(context)  # type: ignore[arg-type]
+        except ValueError:
+            return -1
+
+    def pairs_in(self, c: int) -> np.ndarray:
+        return np.flatnonzero(self.pair_context == c)
+
+    def lookup(self, c: int, pert: str) -> int:
+        """Index of training pair (context c, pert), or -1."""
+        for k in self.pairs_in(c):
+            if self.pair_pert[k] == pert:
+                return int(k)
+        return -1
+
+    def cell_mean_shift(self, c: int) -> tuple[np.ndarray, str]:
+        """Cell-weighted mean shift of all training perturbed cells (VCC cell-mean baseline).
+
+        In context ``c`` when it has training perturbations, else pooled over all contexts
+        (each cell's shift measured against its own context's controls). Returns (shift, scope).
+        """
+        idx = self.pairs_in(c) if c >= 0 else np.array([], dtype=np.int64)
+        scope = "context"
+        if idx.size == 0:
+            idx, scope = np.arange(len(self.pair_pert)), "all-contexts"
+        if idx.size == 0:
+            return np.zeros(self.n_genes), "none"
+        w = self.pair_count[idx].astype(np.float64)
+        return (w[:, None] * self.pair_effect[idx]).sum(0) / w.sum(), scope
+
+    def pert_mean_shift(self, c: int) -> tuple[np.ndarray, str]:
+        """Unweighted mean of the training pairs' effects (each perturbation counts once).
+
+        In context ``c`` when it has training perturbations, else over all training pairs.
+        """
+        idx = self.pairs_in(c) if c >= 0 else np.array([], dtype=np.int64)
+        scope = "context"
+        if idx.size == 0:
+            idx, scope = np.arange(len(self.pair_pert)), "all-contexts"
+        if idx.size == 0:
+            return np.zeros(self.n_genes), "none"
+        return self.pair_effect[idx].mean(0), scope
+
+    def transfer(self, c: int, pert: str) -> np.ndarray | None:
+        """Mean effect of ``pert`` over the *other* contexts that trained it (each context once)."""
+        idx = [k for k in range(len(self.pair_pert)) if self.pair_pert[k] == pert and self.pair_context[k] != c]
+        if not idx:
+            return None
+        return self.pair_effect[idx].mean(0)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "contexts": np.asarray(self.contexts, dtype=str),
+            "control_mean": self.control_mean,
+            "control_count": self.control_count,
+            "pair_context": self.pair_context,
+            "pair_pert": np.asarray(self.pair_pert, dtype=str),
+            "pair_effect": self.pair_effect,
+            "pair_count": self.pair_count,
+        }
+
+    @classmethod
+    def from_arrays(cls, a) -> EffectTable:
+        return cls(
+            contexts=[str(x) for x in a["contexts"]],
+            control_mean=np.asarray(a["control_mean"], dtype=np.float64),
+            control_count=np.asarray(a["control_count"], dtype=np.int64),
+            pair_context=np.asarray(a["pair_context"], dtype=np.int64),
+            pair_pert=[str(x) for x in a["pair_pert"]],
+            pair_effect=np.asarray(a["pair_effect"], dtype=np.float64),
+            pair_count=np.asarray(a["pair_count"], dtype=np.int64),
+        )
+
+
+def fit_effect_table(
+    X,
+    perturbations: np.ndarray,
+    contexts: np.ndarray,
+    control_label: str,
+    min_cells: int = 1,
+) -> tuple[EffectTable, list[str]]:
+    """Build an :class:`EffectTable` from training cells ``X`` (n, G) in model space.
+
+    ``perturbations`` / ``contexts`` are (n,) string arrays. Policy for small groups: a training
+    pair with fewer than ``min_cells`` cells is dropped (its cells take part in nothing) and
+    returned in the second value as ``"context/pert (n cells)"``. A context that has perturbed
+    cells but no control cells raises :class:`InputError` (no effect can be measured there).
+    Contexts are sorted by name; pairs by (context, perturbation), so results do not depend on
+    cell order.
+    """
+    perts = np.asarray(perturbations).astype(str)
+    ctxs = np.asarray(contexts).astype(str)
+    if X.shape[0] != perts.size or perts.size != ctxs.size:
+        msg = f"training data: X has {X.shape[0]} cells but {perts.size} perturbation / {ctxs.size} context labels"
+        raise InputError(msg)
+    context_names = sorted(set(ctxs.tolist()))
+    cidx = {c: i for i, c in enumerate(context_names)}
+    c_code = np.array([cidx[c] for c in ctxs], dtype=np.int64)
+    is_ctrl = perts == control_label
+
+    ctrl_codes = np.where(is_ctrl, c_code, -1)
+    control_mean, control_count = group_means(X, ctrl_codes, len(context_names))
+
+    pair_keys = sorted({(c_code[i], perts[i]) for i in np.flatnonzero(~is_ctrl)})
+    pidx = {k: j for j, k in enumerate(pair_keys)}
+    p_code = np.full(perts.size, -1, dtype=np.int64)
+    for i in np.flatnonzero(~is_ctrl):
+        p_code[i] = pidx[(c_code[i], perts[i])]
+    pair_mean, pair_count = group_means(X, p_code, len(pair_keys))
+
+    dropped: list[str] = []
+    keep: list[int] = []
+    for j, (c, p) in enumerate(pair_keys):
+        if pair_count[j] < min_cells:
+            dropped.append(f"{context_names[c]}/{p} ({pair_count[j]} cells)")
+            continue
+        if control_count[c] == 0:
+            msg = (
+                f"training data: context {context_names[c]!r} has perturbed cells (e.g. {p!r}) but no "
+                f"control cells labelled {control_label!r}; expected at least 1 control cell per context"
+            )
+            raise InputError(msg)
+        keep.append(j)
+    pc = np.array([pair_keys[j][0] for j in keep], dtype=np.int64)
+    table = EffectTable(
+        contexts=context_names,
+        control_mean=control_mean,
+        control_count=control_count,
+        pair_context=pc,
+        pair_pert=[pair_keys[j][1] for j in keep],
+        pair_effect=(pair_mean[keep] - control_mean[pc]) if keep else np.zeros((0, X.shape[1])),
+        pair_count=pair_count[keep],
+    )
+    return table, dropped
+
+
+def combo_parts(pert: str) -> list[str]:
+    """Components of a combinatorial label ``"A+B"`` (``COMBO_SEP``); a single gives ``[pert]``."""
+    return [p for p in pert.split(COMBO_SEP) if p]

@@ -1,0 +1,39 @@
+"""Argument helpers shared by the train / predict / demo commands (stdlib only)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_column_arguments", "columns_from_args", "parse_sets"]
+
+
+def add_column_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data columns (default: the split file's, else target_gene / non-targeting / context)")
+    g.add_argument("--pert-col", default=None, help="obs column with the perturbation label")
+    g.add_argument("--control-label", default=None, help="label of control cells in the perturbation column")
+    g.add_argument("--context-col", default=None, help="obs column with the context (cell line / condition)")
+    g.add_argument("--batch-col", default=None, help="obs column with the batch")
+
+
+def columns_from_args(args: argparse.Namespace):
+    """An ObsColumns from the flags, or None when no flag was given (then the split's / run's apply)."""
+    names = ("pert_col", "control_label", "context_col", "batch_col")
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    if not given:
+        return None
+    from celltwin.data.columns import ObsColumns
+
+    return ObsColumns(**given)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    from celltwin.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            msg = f"--set expected KEY=VALUE, got {item!r}"
+            raise ConfigError(msg)
+        out[key.strip()] = value.strip()
+    return out

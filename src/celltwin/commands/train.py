@@ -1,0 +1,49 @@
+"""``celltwin train``: fit a model (a baseline or a registered neural model) on a split's training cells."""
+
+from __future__ import annotations
+
+import argparse
+
+from celltwin.commands._common import add_column_arguments, columns_from_args, parse_sets
+
+HELP = "train a model (baselines, ST) on the training cells of a split"
+DESCRIPTION = """\
+Fit MODEL on the training cells of SPLIT and write a run directory (run.json, genes.txt and the
+model files). Models work in log1p(normalize_total) space with the median library size of the
+training cells (non-integer data is taken as already log-normalised).
+
+Baselines: control, cell-mean, perturbation-mean, context-transfer, scaled-context-transfer,
+linear, additive (rules and fallbacks for unseen perturbations: see celltwin.baselines.models).
+Baseline options (--set): min_cells, linear_dim, linear_ridge.
+
+State Transition model (--model state; needs torch): options (--set) preset (tiny|small|state),
+steps, batch_sets, set_size, hidden, n_layers, n_heads, mlp_hidden, dropout, loss (e.g.
+energy:1,mse:0.1), lr, weight_decay, warmup, min_lr_ratio, grad_clip, grad_accum, precision
+(auto|fp32|bf16|fp16), device (auto|cpu|cuda), match (random|batch), context_dropout, zero_below,
+ckpt_every, resume, log_every, val_pairs, val_every, threads, progress, tensorboard
+(see celltwin.models.st_runner.StateOptions). Multi-process: torchrun --nproc_per_node N -m celltwin train ...
+
+Example:
+  celltwin train --model linear --data screen.h5ad --split split.toml -o runs/linear
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model name (see celltwin.predict.MODELS)")
+    p.add_argument("--data", required=True, help="training .h5ad (counts or log1p-normalised)")
+    p.add_argument("--split", required=True, help="split .toml (see `celltwin split`)")
+    p.add_argument("-o", "--output", required=True, help="run directory to write")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_column_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from celltwin.predict import train_from_files
+
+    meta = train_from_files(args.model, args.data, args.split, args.output, seed=args.seed,
+                            options=parse_sets(args.set), columns=columns_from_args(args))
+    dropped = meta.get("dropped_pairs") or []
+    note = f"; dropped {len(dropped)} pair(s) below min_cells" if dropped else ""
+    print(f"trained {args.model} on {meta['n_train_cells']} cells x {meta['n_genes']} genes -> {args.output}{note}")
+    return 0
