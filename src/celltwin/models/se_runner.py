@@ -1,0 +1,353 @@
+"""Fit / transform glue for the State Embedding model (``celltwin embed fit|transform``).
+
+* :func:`fit_state_embedding` reads an ``.h5ad`` lazily (:mod:`celltwin.data.source`), builds
+  the gene vectors (a table aligned through HGNC, or learned vectors when no table is given),
+  and trains :class:`~celltwin.models.state_embedding.StateEmbeddingModel` with the shared
+  loop (:func:`celltwin.train.fit`: DDP, resume, checkpoints, metrics). The run directory
+  gets the model files of ``save_pretrained`` plus ``run.json`` and the loop's
+  ``checkpoints/`` and ``metrics.csv``.
+* :func:`transform` embeds every cell of an ``.h5ad`` in batches (rows read lazily) and writes
+  ``obsm[EMBED_KEY]`` to a new file, atomically.
+
+Model space: the shared rule of :mod:`celltwin.data.preprocess` (counts ->
+``log1p(normalize_total(x, T))`` with T the median library size of the training cells, totals
+over all genes of the file; non-integer X passed through), optionally on the top
+``n_top_genes`` highly variable genes. It is saved as ``preprocess.json`` in the model
+directory and applied identically at transform time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from celltwin import __version__
+from celltwin._constants import EMBED_KEY
+from celltwin._io import atomic_path
+from celltwin.errors import ConfigError, InputError
+from celltwin.models.state_embedding import StateEmbeddingConfig, StateEmbeddingModel
+
+__all__ = ["SEFitResult", "fit_state_embedding", "transform", "embed_rows", "MODEL_NAME"]
+
+MODEL_NAME = "state_embedding"
+
+
+@dataclass
+class SEFitResult:
+    """What :func:`fit_state_embedding` returns."""
+
+    model: StateEmbeddingModel
+    train: object  # celltwin.train.TrainResult
+    coverage: object | None  # celltwin.genes.GeneCoverage, None without a gene table
+    preprocess: object  # celltwin.data.preprocess.Preprocessing
+    gene_source: str  # human-readable description of the gene vectors used
+
+
+def _gene_vectors(
+    genes: list[str],
+    gene_table: str | Path | None,
+    hgnc: str | Path | None,
+    gene_list: str | Path | None,
+    gene_dim: int,
+):
+    from celltwin.genes import HgncIndex, align_gene_table, load_gene_table
+
+    if gene_table is None:
+        msg = (
+            f"no gene embedding table given: every gene gets a learned {gene_dim}-d vector "
+            f"(random init, trained with the model; no protein-language-model information)"
+        )
+        return np.zeros((len(genes), gene_dim), np.float32), np.zeros(len(genes), bool), None, msg
+    table = load_gene_table(gene_table, gene_list)
+    index = HgncIndex.from_tsv(hgnc) if hgnc is not None else None
+    vec, found, cov = align_gene_table(table, genes, index)
+    if cov.found == 0:
+        msg = (
+            f"gene table {gene_table}: none of the {len(genes)} data genes has a vector (names do not match)"
+        )
+        raise InputError(msg)
+    msg = (
+        f"gene vectors from {gene_table} ({table.dim}-d); {cov.summary()}; missing genes get learned vectors"
+    )
+    return vec, found, cov, msg
+
+
+def _dataset_labels(source, dataset_key: str | None, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
+    if dataset_key is None:
+        return [Path(source.name).stem or "default"], np.zeros(source.n_obs, dtype=np.int64)
+    if dataset_key not in source.obs.columns:
+        msg = (
+            f"{source.name}: obs has no column {dataset_key!r} (--dataset-key); "
+            f"columns: {list(source.obs.columns)}"
+        )
+        raise InputError(msg)
+    vals = source.obs[dataset_key].astype(str).to_numpy()
+    names = sorted(set(vals[rows]))
+    lut = {n: i for i, n in enumerate(names)}
+    return names, np.array([lut.get(v, len(names)) for v in vals], dtype=np.int64)
+
+
+class _CellBatches:
+    """Shuffled mini-batches of training cells, a pure function of (seed, epoch, rank).
+
+    Rows of each batch are read lazily from the source and converted to model space.
+    In DDP each rank takes every ``world_size``-th batch (equal counts: the tail is dropped).
+    """
+
+    def __init__(
+        self,
+        source,
+        rows: np.ndarray,
+        ds: np.ndarray,
+        prep,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.source, self.rows, self.ds, self.prep = source, rows, ds, prep
+        self.gene_idx = prep.gene_index(source.var_names, source.name)
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return max(1, len(self.rows) // self.batch_size // self.world)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        perm = self.rows[rng.permutation(len(self.rows))]
+        n_batches = len(self)
+        for b in range(n_batches):
+            k = b * self.world + self.rank
+            idx = perm[k * self.batch_size : (k + 1) * self.batch_size]
+            if idx.size == 0:
+                idx = perm[: self.batch_size]
+            x = self.prep.transform(self.source.read_rows(idx), self.gene_idx)  # (B, G) model space
+            yield {"x": torch.from_numpy(x), "ds": torch.from_numpy(self.ds[idx])}
+
+
+def fit_state_embedding(
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    config: StateEmbeddingConfig,
+    train_config,
+    gene_table: str | Path | None = None,
+    hgnc: str | Path | None = None,
+    gene_list: str | Path | None = None,
+    gene_dim: int = 64,
+    dataset_key: str | None = None,
+    n_top_genes: int | None = None,
+    cells: np.ndarray | None = None,
+    batch_size: int = 32,
+    log: Callable[[str], None] = print,
+) -> SEFitResult:
+    """Train an SE model on ``data`` (an ``.h5ad`` path or AnnData) and save it to ``out_dir``.
+
+    ``cells``: row indices to train on (default all; e.g. a training split). ``train_config``:
+    a :class:`celltwin.train.TrainConfig` (its ``out_dir`` is set to ``out_dir``).
+    ``gene_dim`` is only used without a gene table; ``n_top_genes`` restricts the vocabulary to
+    the highly variable genes of the training cells. ``log`` receives human-readable notes.
+    """
+    from celltwin.data.preprocess import fit_preprocessing
+    from celltwin.data.source import open_source
+    from celltwin.train import fit, init_distributed, seed_everything
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    info = init_distributed(train_config.device)
+    if not info.is_main:  # one voice under torchrun: only rank 0 reports
+
+        def log(_msg: str) -> None:
+            return None
+
+    source = open_source(data)
+    rows = np.arange(source.n_obs) if cells is None else np.asarray(cells, dtype=np.int64)
+    if rows.size < 1:
+        raise InputError(f"{source.name}: no cells to train on")
+    if len(set(map(str, source.var_names))) != source.n_vars:
+        raise InputError(f"{source.name}: var_names are not unique")
+    prep = fit_preprocessing(source, rows, n_top_genes=n_top_genes)
+    genes = list(prep.genes)
+    space = (
+        f"log1p(normalize_total(X, T={prep.target_sum:.6g}))"
+        if prep.target_sum is not None
+        else "X as is (already log-normalised)"
+    )
+    log(f"model space: {space} on {len(genes)} genes")
+    vec, found, coverage, note = _gene_vectors(genes, gene_table, hgnc, gene_list, gene_dim)
+    log(note)
+    datasets, ds = _dataset_labels(source, dataset_key, rows)
+
+    train_config.out_dir = str(out_dir)
+    seed_everything(train_config.seed)  # identical initial weights on every rank
+    model = StateEmbeddingModel(config, genes, vec, found, datasets)
+    loader = _CellBatches(
+        source, rows, ds, prep, min(batch_size, rows.size), train_config.seed, info.rank, info.world_size
+    )
+
+    def step(m, batch):
+        return m(batch["x"], batch["ds"], return_loss=True)
+
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(
+        f"SE model: {n_params:,} trainable parameters, {len(genes)} genes, sentence {model.L} "
+        f"(mask {model.n_mask}, +{model.n_query_neg} unexpressed queries), {rows.size} cells, "
+        f"batch {batch_size}"
+    )
+    res = fit(
+        model,
+        step,
+        loader,
+        train_config,
+        count_fn=lambda b: int(b["x"].shape[0]),
+        dist_info=info,
+        extra_state={"se_config": asdict(config)},
+    )
+    model.cpu().eval()
+    if info.is_main:
+        prep.save(out_dir)
+        extra = {
+            "preprocess": prep.to_dict(),
+            "gene_source": note,
+            "data": str(source.name),
+            "coverage": coverage.to_dict() if coverage is not None else None,
+        }
+        model.save_pretrained(out_dir, extra=extra)
+        run = {
+            "model": MODEL_NAME,
+            "celltwin_version": __version__,
+            "steps": res.step,
+            "cells_per_s": res.items_per_s,
+            "last_losses": res.last_losses,
+        }
+        with atomic_path(Path(out_dir) / "run.json") as tmp:
+            tmp.write_text(json.dumps(run, indent=2) + "\n")
+    return SEFitResult(model, res, coverage, prep, note)
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def embed_rows(
+    model: StateEmbeddingModel,
+    x: np.ndarray,
+    ds: np.ndarray | None = None,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Embeddings (n, E) float32 of model-space rows ``x`` (n, G) in the model's gene order."""
+    dev = torch.device(device)
+    with torch.no_grad():
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
+        dt = None if ds is None else torch.from_numpy(np.asarray(ds, dtype=np.int64)).to(dev)
+        return model.embed(xt, dt).float().cpu().numpy()
+
+
+def transform(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    batch_size: int = 256,
+    device: str = "auto",
+    copy_x: bool = True,
+    dataset_key: str | None = None,
+    hgnc: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> np.ndarray:
+    """Write ``out`` = ``data`` + ``obsm[EMBED_KEY]`` (SE embeddings); returns the embeddings (n, E).
+
+    Genes are matched to the model's vocabulary by exact name (then through HGNC when
+    ``hgnc`` is given); model genes absent from the data are fed as 0 (reported). With
+    ``copy_x`` (default) the output is a byte copy of the input file with the embedding added
+    (X, obs, var, layers, other obsm and uns kept, nothing loaded into memory); without it,
+    the output has obs, var and ``obsm[EMBED_KEY]`` only (no X). An existing
+    ``obsm[EMBED_KEY]`` is replaced. ``dataset_key``: obs column whose values name the
+    model's ``[DS]`` tokens (unknown values and no column use the "unknown" token).
+    """
+    import anndata as ad
+    import h5py
+
+    from celltwin.data.preprocess import Preprocessing
+    from celltwin.data.source import H5adSource
+
+    model = StateEmbeddingModel.from_pretrained(model_dir)
+    dev = _pick_device(device)
+    model.to(dev)
+    data, out = Path(data), Path(out)
+    if data.resolve() == out.resolve():
+        raise ConfigError(f"output {out} is the input file; write to a new path")
+    source = H5adSource(data)
+    prep = Preprocessing.load(model_dir)
+
+    col = {g: i for i, g in enumerate(map(str, source.var_names))}
+    if hgnc is not None:
+        from celltwin.genes import HgncIndex
+
+        index = HgncIndex.from_tsv(hgnc)
+        by_sym = {}
+        for g, i in col.items():
+            sym, _ = index.resolve(g)
+            if sym is not None:
+                by_sym.setdefault(sym, i)
+        lookup = [col.get(g, by_sym.get(index.resolve(g)[0] or "", -1)) for g in model.genes]
+    else:
+        lookup = [col.get(g, -1) for g in model.genes]
+    cols = np.asarray(lookup, dtype=np.int64)
+    present = cols >= 0
+    if not present.any():
+        raise InputError(f"{data}: none of the model's {len(model.genes)} genes is in var_names")
+    log(
+        f"{int(present.sum())}/{len(model.genes)} model genes found in {data}"
+        + ("" if present.all() else "; missing ones are fed as 0 expression")
+    )
+
+    ds = np.full(source.n_obs, model.unknown_dataset, dtype=np.int64)
+    if dataset_key is not None:
+        if dataset_key not in source.obs.columns:
+            raise InputError(f"{data}: obs has no column {dataset_key!r} (--dataset-key)")
+        lut = {n: i for i, n in enumerate(model.datasets)}
+        ds = np.array(
+            [lut.get(v, model.unknown_dataset) for v in source.obs[dataset_key].astype(str)], np.int64
+        )
+
+    n = source.n_obs
+    emb = np.empty((n, model.config.d_out), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(n, start + batch_size))
+        block = prep.transform(source.read_rows(idx), None)  # (b, genes in file), model space
+        x = np.zeros((idx.size, len(model.genes)), dtype=np.float32)
+        x[:, present] = block[:, cols[present]]
+        emb[idx] = embed_rows(model, x, ds[idx], dev)
+        if progress is not None:
+            progress(int(idx[-1]) + 1, n)
+    source.close()
+
+    with atomic_path(out) as tmp:
+        if copy_x:
+            shutil.copyfile(data, tmp)
+            with h5py.File(tmp, "r+") as f:
+                if "obsm" not in f:
+                    ad.io.write_elem(f, "obsm", {})
+                if EMBED_KEY in f["obsm"]:
+                    del f["obsm"][EMBED_KEY]
+                ad.io.write_elem(f["obsm"], EMBED_KEY, emb)
+        else:
+            with h5py.File(data, "r") as f:
+                obs = ad.io.read_elem(f["obs"])
+                var = ad.io.read_elem(f["var"])
+            ad.AnnData(obs=obs, var=var, obsm={EMBED_KEY: emb}).write_h5ad(tmp)
+    return emb

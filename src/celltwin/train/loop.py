@@ -1,0 +1,400 @@
+"""The one explicit training loop shared by every celltwin torch model (ST, SE).
+
+Usage::
+
+    from celltwin.train import TrainConfig, fit, seed_everything, unwrap
+
+    seed_everything(0)                      # before building the model (same init everywhere)
+    model = MyModel(...)
+
+    def step(model, batch):                 # model: the (possibly DDP-wrapped) module
+        pred = model(batch["x"])            # call the wrapper so DDP hooks run
+        mse = ((pred - batch["y"]) ** 2).mean()
+        return {"loss": mse, "mse": mse}    # "loss" is optimised; every part is logged
+
+    result = fit(model, step, loader, TrainConfig(max_steps=1000, out_dir="run/"))
+
+What one optimiser step does: ``grad_accum`` micro-batches, each moved to the device
+(tensors inside dicts/lists/tuples), forward under autocast (bf16 on CUDA when supported,
+else fp16 with a GradScaler; fp32 on CPU unless asked), backward of ``loss / grad_accum``
+(DDP gradient sync only on the last micro-batch via ``no_sync``), gradient-norm clipping,
+AdamW step, LR scheduler step (linear warmup then cosine to ``min_lr_ratio * lr``).
+
+Data contract: ``loader`` is re-iterated every epoch (an epoch ends when it is exhausted).
+Before each epoch the loop calls ``set_epoch(epoch)`` on ``loader.sampler``,
+``loader.batch_sampler`` and ``loader.dataset`` when they have it (or ``loader`` may be a
+callable ``epoch -> iterable``). For exact resume the batches must be a function of
+``(epoch, position)`` only (e.g. a sampler seeded by ``seed + epoch``), not of the global
+RNG. On resume the loop skips the batches already consumed in the current epoch by
+iterating past them (cost: reading them again). In DDP each rank must get its own
+disjoint shard (the celltwin set sampler takes ``rank``/``world_size``).
+
+Checkpoints (``out_dir/checkpoints/last.pt``, atomic) hold model, optimiser, scheduler,
+grad scaler, every rank's RNG states, ``step``, ``epoch``, position in the epoch and the
+config; with ``resume=True`` a run restarts from there and reaches the same parameters
+as an uninterrupted run (bitwise on CPU with deterministic kernels; tested with SIGKILL).
+Only rank 0 writes files. Weight decay applies to parameters with ``ndim >= 2`` only
+(not to norms and biases).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from celltwin.errors import ConfigError
+from celltwin.train.checkpoint import gather_rng_states, load_checkpoint, save_checkpoint, set_rng_state
+from celltwin.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_distributed
+from celltwin.train.metrics import MetricsLogger
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "StepFn",
+    "ValFn",
+    "fit",
+    "seed_everything",
+    "unwrap",
+    "move_to_device",
+    "resolve_precision",
+    "lr_lambda",
+]
+
+StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
+"""``step(model, batch) -> {"loss": scalar tensor, other named parts...}``."""
+ValFn = Callable[[nn.Module, int], Mapping[str, float]]
+"""``val(model, step) -> {name: float}``; runs on rank 0 under ``no_grad`` in eval mode."""
+
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings of :func:`fit` (validated once, ConfigError)."""
+
+    max_steps: int = 1000  # optimiser steps (each = grad_accum micro-batches)
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0  # linear warmup from lr/warmup to lr
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr at max_steps
+    grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
+    grad_accum: int = 1  # micro-batches per optimiser step
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast); auto = bf16/fp16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:K
+    seed: int = 0
+    out_dir: str | None = None  # checkpoints/, metrics.csv, tb/ go here; None = nothing written
+    ckpt_every: int = 0  # save every N steps (and at the end); 0 = only at the end
+    resume: bool = True  # continue from out_dir/checkpoints/last.pt when present
+    log_every: int = 10  # log averaged loss parts every N steps
+    val_every: int = 0  # call val_fn every N steps (and at the end); 0 = only at the end
+    progress: bool = True  # rich progress bar on rank 0
+    tensorboard: bool = True  # also write TensorBoard scalars (when tensorboard is installed)
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"TrainConfig.max_steps must be >= 1, got {self.max_steps}")
+        if not self.lr > 0:
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise ConfigError(
+                f"TrainConfig.warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}"
+            )
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.precision not in _PRECISIONS:
+            raise ConfigError(f"TrainConfig.precision must be one of {_PRECISIONS}, got {self.precision!r}")
+        for name in ("ckpt_every", "log_every", "val_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns (on every rank)."""
+
+    step: int
+    epoch: int
+    last_losses: dict[str, float] = field(default_factory=dict)  # mean parts over the last log window
+    last_val: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None  # step of the checkpoint resumed from
+    seconds: float = 0.0  # wall time of this process's loop
+    items_per_s: float | None = None  # from count_fn, all ranks together, excluding the first step
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy's global RNG and torch (CPU and all CUDA devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The underlying module of a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors inside (nested) dicts, lists and tuples moved to ``device``; other values kept."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    return batch
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` on ``device`` (None = plain fp32).
+
+    ``auto``: bf16 on CUDA when the GPU supports it, else fp16 (with loss scaling); fp32 on
+    CPU (CPU bf16 autocast is slower than fp32 on most CPUs and changes numerics).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier at optimiser step ``step`` (0-based, the step about to be taken).
+
+    Linear warmup ``(step + 1) / warmup`` for ``step < warmup``, then cosine from 1 to
+    ``min_ratio`` over the remaining steps (reaching ``min_ratio`` at ``step = total``).
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, total - warmup)
+    t = min(1.0, (step - warmup) / span)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                getattr(loader, "dataset", None), loader):
+        fn = getattr(obj, "set_epoch", None)
+        if callable(fn):
+            fn(epoch)
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda")
+
+
+def fit(
+    model: nn.Module,
+    step_fn: StepFn,
+    loader: Iterable[Any] | Callable[[int], Iterable[Any]],
+    config: TrainConfig,
+    *,
+    val_fn: ValFn | None = None,
+    count_fn: Callable[[Any], int] | None = None,
+    dist_info: DistInfo | None = None,
+    extra_state: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with ``step_fn`` over ``loader`` (see the module docstring).
+
+    ``val_fn(model, step)`` (rank 0 only, eval mode, no_grad) returns metrics logged under
+    split ``val``. ``count_fn(batch)`` counts the items (cells) in a micro-batch for the
+    throughput figure. ``dist_info``: from :func:`init_distributed` (called here with
+    ``config.device`` when omitted; with ``WORLD_SIZE > 1`` the model is wrapped in DDP).
+    ``extra_state`` is stored in checkpoints as is (e.g. the model config as a dict).
+    Returns a :class:`TrainResult`; the trained weights are in ``model``.
+    """
+    cfg = config
+    info = dist_info or init_distributed(cfg.device)
+    device = info.device
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    model.to(device)
+    model.train()
+    ddp = is_distributed()
+    wrapped: nn.Module = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if ddp
+        else model
+    )
+    optimizer = _make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    )
+    amp_dtype = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    out = Path(cfg.out_dir) if cfg.out_dir is not None else None
+    ckpt_dir = out / "checkpoints" if out is not None else None
+    step, epoch, pos = 0, 0, 0
+    resumed_from: int | None = None
+    state = load_checkpoint(ckpt_dir, map_location=device) if (ckpt_dir is not None and cfg.resume) else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, pos = int(state["step"]), int(state["epoch"]), int(state["pos"])
+        rngs = state["rng"]
+        if len(rngs) != info.world_size:
+            msg = (f"checkpoint {ckpt_dir}/last.pt was written by {len(rngs)} processes, "
+                   f"this run has {info.world_size}: resume with the same world size")
+            raise ConfigError(msg)
+        set_rng_state(rngs[info.rank], device)
+        resumed_from = step
+    else:
+        seed_everything(cfg.seed + info.rank)
+
+    logger = MetricsLogger(out, resume_step=resumed_from, tensorboard=cfg.tensorboard) \
+        if (out is not None and info.is_main) else None
+
+    def checkpoint() -> None:
+        rngs = gather_rng_states(device)  # collective
+        if info.is_main and ckpt_dir is not None:
+            save_checkpoint(ckpt_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "epoch": epoch, "pos": pos, "rng": rngs,
+                "config": asdict(cfg), "world_size": info.world_size, "extra": dict(extra_state or {}),
+            })
+        barrier()
+
+    def validate() -> dict[str, float]:
+        res: dict[str, float] = {}
+        if val_fn is not None and info.is_main:
+            model.eval()
+            with torch.no_grad():
+                res = {k: float(v) for k, v in val_fn(model, step).items()}
+            model.train()
+            if logger is not None:
+                logger.log(step, "val", res)
+        barrier()
+        return res
+
+    def batches() -> Iterable[Any]:
+        """Endless stream of (batch) continuing from (epoch, pos); updates epoch/pos."""
+        nonlocal epoch, pos
+        while True:
+            _set_epoch(loader, epoch)
+            it = loader(epoch) if callable(loader) and not hasattr(loader, "__iter__") else loader
+            n = 0
+            for b in it:
+                if n < pos:  # resume: skip what this epoch already consumed
+                    n += 1
+                    continue
+                n += 1
+                pos = n
+                yield b
+            if n == 0:
+                msg = f"the training loader yielded no batch in epoch {epoch}"
+                raise ConfigError(msg)
+            epoch += 1
+            pos = 0
+
+    progress = None
+    task = None
+    if cfg.progress and info.is_main:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        task = progress.add_task("train", total=cfg.max_steps, completed=step, info="")
+        progress.start()
+
+    window: dict[str, list[float]] = {}
+    last_losses: dict[str, float] = {}
+    last_val: dict[str, float] = {}
+    t0 = time.perf_counter()
+    t_first: float | None = None
+    items_after_first = 0
+    stream = iter(batches())
+    try:
+        while step < cfg.max_steps:
+            optimizer.zero_grad(set_to_none=True)
+            n_items = 0
+            for micro in range(cfg.grad_accum):
+                batch = move_to_device(next(stream), device)
+                if count_fn is not None:
+                    n_items += int(count_fn(batch))
+                sync = (micro == cfg.grad_accum - 1) or not ddp
+                ctx = contextlib.nullcontext() if sync else wrapped.no_sync()
+                with ctx:
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        parts = step_fn(wrapped, batch)
+                    if "loss" not in parts:
+                        msg = f"step function must return a 'loss' entry, got keys {sorted(parts)}"
+                        raise ConfigError(msg)
+                    loss = parts["loss"]
+                    if not torch.isfinite(loss.detach()):
+                        msg = f"non-finite loss {loss.item()} at step {step} (epoch {epoch}, batch {pos})"
+                        raise FloatingPointError(msg)
+                    scaler.scale(loss.float() / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    window.setdefault(k, []).append(float(v.detach()))
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                window.setdefault("grad_norm", []).append(float(gnorm))
+            window.setdefault("lr", []).append(scheduler.get_last_lr()[0])
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+            else:
+                items_after_first += n_items
+            if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                means = {k: float(np.mean(v)) for k, v in window.items()}
+                last_losses = all_reduce_mean(means, device)
+                window = {}
+                if logger is not None:
+                    logger.log(step, "train", last_losses)
+                if progress is not None:
+                    progress.update(task, info=f"loss {last_losses.get('loss', float('nan')):.4g}")
+            if progress is not None:
+                progress.update(task, completed=step)
+            if cfg.val_every and step % cfg.val_every == 0 and step < cfg.max_steps:
+                last_val = validate()
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+                checkpoint()
+        if resumed_from is None or resumed_from < cfg.max_steps:
+            last_val = validate() or last_val
+            checkpoint()
+    finally:
+        if progress is not None:
+            progress.stop()
+        if logger is not None:
+            logger.close()
+    seconds = time.perf_counter() - t0
+    rate = None
+    if count_fn is not None and t_first is not None and items_after_first > 0:
+        rate = items_after_first * info.world_size / (time.perf_counter() - t_first)
+    return TrainResult(step=step, epoch=epoch, last_losses=last_losses, last_val=last_val,
+                       resumed_from=resumed_from, seconds=seconds, items_per_s=rate)
