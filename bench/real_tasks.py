@@ -45,9 +45,9 @@ RESULTS_MD = REPO / "bench" / "RESULTS.md"
 RESULTS_CSV = REPO / "bench" / "real_tasks.csv"
 START, END = "<!-- real-tasks:start -->", "<!-- real-tasks:end -->"
 
-# (model name, --set options). Adding a registered model is one line, e.g.
-#   ("state", {"preset": "small"}),        # ST on expression
-#   ("state-se", {"preset": "small"}),     # ST on SE embeddings
+# (row label, --set options); the label is a registered model name or an ALIASES key.
+_ST = {"preset": "small", "steps": "250", "lr": "2e-3", "progress": "false", "tensorboard": "false", "threads": "1"}
+ALIASES = {"state-se": "state"}  # row label -> registered model
 MODELS: list[tuple[str, dict[str, str]]] = [
     ("control", {}),
     ("cell-mean", {}),
@@ -56,8 +56,9 @@ MODELS: list[tuple[str, dict[str, str]]] = [
     ("scaled-context-transfer", {}),
     ("linear", {}),
     ("additive", {}),
-    ("state", {"preset": "small", "steps": "250", "lr": "2e-3", "progress": "false", "tensorboard": "false",
-               "threads": "1"}),
+    ("state", dict(_ST)),
+    # ST on SE embeddings: an SE model fitted on the task's training cells inside the run (small preset)
+    ("state-se", {**_ST, "input_space": "embedding", "se_preset": "small", "se_steps": "300", "se_batch": "64"}),
 ]
 
 
@@ -160,7 +161,7 @@ def run_task(task: Task, kind: str, models: list[tuple[str, dict[str, str]]], wo
     for name, opts in models:
         t0 = time.perf_counter()
         run_dir = workdir / f"{task.name}-{kind}" / name
-        train_run(name, train, run_dir, options=opts)
+        train_run(ALIASES.get(name, name), train, run_dir, options=opts)
         pre = Preprocessing.load(run_dir)
         gidx = pre.gene_index(a.var_names, task.file)
         if real_m is None:  # the same preprocessing for every model (same training cells)

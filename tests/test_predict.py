@@ -247,3 +247,41 @@ def test_cli_train_predict_eval_ready(tmp_path):
     (tmp_path / "bad.toml").write_text((tmp_path / "s.toml").read_text().replace("context_1", "nowhere"))
     assert cli.main(["train", "--model", "linear", "--data", str(tmp_path / "d.h5ad"), "--split",
                      str(tmp_path / "bad.toml"), "-o", str(tmp_path / "run2")]) == 2
+
+
+@pytest.mark.parametrize("dist", ["poisson", "nb"])
+def test_predict_sample_counts(tmp_path, dist):
+    """--sample-counts: integer counts whose normalised mean matches the model-space prediction."""
+    from celltwin import cli
+    from celltwin.data.columns import ObsColumns
+    from celltwin.data.preprocess import Preprocessing
+    from celltwin.data.split import make_split
+    from celltwin.sim import simulate
+
+    a = simulate("tiny")
+    a.write_h5ad(tmp_path / "d.h5ad")
+    make_split(a.obs, ObsColumns().present(a.obs), "context_1", holdout=2, seed=0,
+               data_path="d.h5ad").write(tmp_path / "s.toml")
+    assert cli.main(["train", "--model", "cell-mean", "--data", str(tmp_path / "d.h5ad"), "--split",
+                     str(tmp_path / "s.toml"), "-o", str(tmp_path / "run")]) == 0
+    base = ["predict", str(tmp_path / "run"), "--data", str(tmp_path / "d.h5ad"), "--split", str(tmp_path / "s.toml"),
+            "--repeat-mean"]
+    assert cli.main([*base, "-o", str(tmp_path / "p.h5ad")]) == 0
+    assert cli.main([*base, "-o", str(tmp_path / "c.h5ad"), "--sample-counts", dist]) == 0
+    p, c = ad.read_h5ad(tmp_path / "p.h5ad"), ad.read_h5ad(tmp_path / "c.h5ad")
+    assert list(p.obs[PERT_COL]) == list(c.obs[PERT_COL]) and c.X.dtype == np.float32
+    Xc = c.X.toarray()
+    assert np.array_equal(Xc, np.round(Xc)) and (Xc >= 0).all()
+    ctrl = (c.obs[PERT_COL] == CONTROL_LABEL).to_numpy()
+    ctx = (a.obs["context"] == "context_1").to_numpy() & (a.obs[PERT_COL] == CONTROL_LABEL).to_numpy()
+    np.testing.assert_array_equal(Xc[ctrl], a.X[np.flatnonzero(ctx)].toarray())  # real control counts
+    # predicted cells: the mean of counts / L * T approaches expm1 of the (repeated-mean) prediction
+    pre = Preprocessing.load(tmp_path / "run")
+    pert = (~ctrl) & (c.obs[PERT_COL] == c.obs[PERT_COL][~ctrl].iloc[0]).to_numpy()
+    lib_all = np.asarray(a.X[np.flatnonzero(ctx)].sum(1)).ravel()
+    want = np.expm1(p.X.toarray()[pert][0]) * lib_all.mean() / pre.target_sum
+    got = Xc[pert].mean(0)
+    top = np.argsort(want)[-20:]  # well-expressed genes: relative error of a mean of ~60 draws
+    assert np.abs(got[top] / want[top] - 1).mean() < 0.25
+    info = json.loads(c.uns["celltwin_predict"]["counts"])
+    assert info["dist"] == dist and info["target_sum"] == pytest.approx(pre.target_sum)

@@ -66,6 +66,7 @@ __all__ = [
     "PredictRequest",
     "predict_cells",
     "read_counts_csv",
+    "to_counts",
 ]
 
 _B = "celltwin.baselines"
@@ -98,6 +99,9 @@ class TrainRequest:
     training order, ``obs[PERT_COL]`` (controls = ``CONTROL_LABEL``) and ``obs[CONTEXT_COL]`` (str)
     always present (renamed from the data's own columns), other obs columns kept.
     ``options``: ``--set key=value`` strings, parsed and validated by the model's config.
+    ``preprocess``: the run's :class:`celltwin.data.preprocess.Preprocessing` (how ``adata.X``
+    was made from the file; ``None`` = unknown, taken as already log-normalised). The
+    embedding-space ST uses it to put cells into its SE model's own normalisation.
     """
 
     model: str
@@ -105,6 +109,7 @@ class TrainRequest:
     run_dir: Path
     seed: int = 0
     options: dict[str, str] = field(default_factory=dict)
+    preprocess: Any = None
 
 
 def register_model(name: str, train: str, load: str) -> None:
@@ -177,7 +182,8 @@ def train_run(model: str, adata: ad.AnnData, run_dir: str | Path, seed: int = 0,
     obs[CONTEXT_COL] = obs[CONTEXT_COL].astype(str).values
     mdata = ad.AnnData(X=Xm, obs=obs, var=pd_index_frame(pre.genes))
     run_dir.mkdir(parents=True, exist_ok=True)
-    req = TrainRequest(model=model, adata=mdata, run_dir=run_dir, seed=seed, options=dict(options or {}))
+    req = TrainRequest(model=model, adata=mdata, run_dir=run_dir, seed=seed, options=dict(options or {}),
+                       preprocess=pre)
     extra = train_fn(req) or {}
     pre.save(run_dir)
     meta = {
@@ -363,10 +369,10 @@ def train_from_files(model: str, data: str | Path, split: str | Path, out: str |
     return train_run(model, sub, out, seed=seed, options=options, extra_meta=extra)
 
 
-def _controls_from_file(path: str | Path, pre, columns) -> np.ndarray:
-    """Control cells of ``path`` in model space (rows labelled as controls when the file has the
-    perturbation column, else every row). The file must be on the training data's scale (counts
-    or log-normalised), as the run's preprocessing is applied unchanged."""
+def _controls_from_file(path: str | Path, pre, columns):
+    """``(model-space controls, raw control rows)`` of ``path`` (rows labelled as controls when the
+    file has the perturbation column, else every row). The file must be on the training data's
+    scale (counts or log-normalised), as the run's preprocessing is applied unchanged."""
     a = read_h5ad(path)
     idx = pre.gene_index(a.var_names, f"controls file {path}")
     rows = np.arange(a.n_obs)
@@ -375,17 +381,59 @@ def _controls_from_file(path: str | Path, pre, columns) -> np.ndarray:
     if rows.size == 0:
         msg = f"controls file {path}: no control cells (obs[{columns.pert_col!r}] == {columns.control_label!r})"
         raise InputError(msg)
-    return pre.transform(a.X[rows], idx)
+    raw = a.X[rows]
+    return pre.transform(raw, idx), raw, idx
+
+
+def to_counts(pred: ad.AnnData, raw_controls, gene_idx: np.ndarray, target_sum: float | None, seed: int,
+              dist: str = "poisson", theta: float = 10.0) -> ad.AnnData:
+    """``pred`` (model space, predicted rows then the controls) with integer counts in ``X``.
+
+    Predicted cells: counts drawn by :func:`celltwin.data.preprocess.sample_counts` (Poisson or
+    negative binomial around ``expm1(x) * L / T``), each cell's library size ``L`` drawn with
+    replacement from the totals (over all the file's genes) of the context's real control cells,
+    ``numpy.random.default_rng([seed, 7])``. Control rows: the real control cells' own counts
+    (the run's genes). Needs a run trained on counts (``target_sum`` known).
+    """
+    import scipy.sparse as sp
+
+    from celltwin.data.preprocess import library_sizes, looks_like_counts, sample_counts
+
+    if target_sum is None:
+        msg = ("--sample-counts: the run was trained on log-normalised data (no normalize_total target), "
+               "so there is no count scale to sample on")
+        raise ConfigError(msg)
+    import anndata as ad
+
+    if not looks_like_counts(ad.AnnData(X=raw_controls)):
+        msg = "--sample-counts: the control cells do not hold integer counts"
+        raise InputError(msg)
+    m = raw_controls.shape[0]
+    n = pred.n_obs - m
+    lib = library_sizes(ad.AnnData(X=raw_controls))  # (m,) totals over all genes
+    rng = np.random.default_rng([seed, 7])
+    Xp = pred.X[:n].toarray() if sp.issparse(pred.X) else np.asarray(pred.X[:n])
+    draws = sample_counts(Xp, lib[rng.integers(0, m, size=n)], float(target_sum), rng, dist=dist, theta=theta)
+    ctrl = raw_controls[:, gene_idx]
+    ctrl = sp.csr_matrix(ctrl, dtype=np.float32) if sp.issparse(ctrl) else sp.csr_matrix(np.asarray(ctrl, np.float32))
+    out = pred.copy()
+    out.X = sp.vstack([sp.csr_matrix(draws.astype(np.float32)), ctrl], format="csr")
+    out.uns["celltwin_predict"] = {**pred.uns["celltwin_predict"], "counts": json.dumps(
+        {"dist": dist, "theta": theta if dist == "nb" else None, "target_sum": float(target_sum),
+         "library_sizes": "totals of the context's real control cells, drawn with replacement"})}
+    return out
 
 
 def predict_from_files(run_dir: str | Path, data: str | Path, out: str | Path, *, split: str | Path | None = None,
                        counts: str | Path | None = None, controls: str | Path | None = None,
                        perturbations: Sequence[str] | None = None, context: str | None = None,
                        repeat_mean: bool = False, write_real: str | Path | None = None, seed: int = 0,
-                       columns=None) -> ad.AnnData:
+                       columns=None, sample_counts: str | None = None, nb_theta: float = 10.0) -> ad.AnnData:
     """``celltwin predict``: predicted cells for the split's test pairs (or ``perturbations``).
 
     See the module docstring for the policy on counts, controls, contexts and ``repeat_mean``.
+    ``sample_counts`` (``"poisson"`` / ``"nb"``): write integer counts instead of model-space
+    values (:func:`to_counts`).
     Writes ``out`` (and ``write_real``) atomically and returns the predicted AnnData.
     """
     import anndata as ad
@@ -455,16 +503,22 @@ def predict_from_files(run_dir: str | Path, data: str | Path, out: str | Path, *
                    f"number of cells from; give --counts (a {PERT_COL},n_cells CSV)")
             raise InputError(msg)
     ctrl_mask = in_ctx & (pert_all == CONTROL_LABEL)
+    if sample_counts not in (None, "poisson", "nb"):
+        msg = f"predict: sample_counts must be 'poisson' or 'nb', got {sample_counts!r}"
+        raise ConfigError(msg)
     if controls is not None:
-        C = _controls_from_file(controls, pre, cols)
+        C, raw_c, raw_idx = _controls_from_file(controls, pre, cols)
     else:
         if not ctrl_mask.any():
             msg = f"predict: context {ctx!r} of {data} has no control cells (label {cols.control_label!r})"
             raise InputError(msg)
-        C = pre.transform(adata.X[np.flatnonzero(ctrl_mask)], gidx)
+        raw_c, raw_idx = adata.X[np.flatnonzero(ctrl_mask)], gidx
+        C = pre.transform(raw_c, gidx)
     req = PredictRequest(context=ctx, perturbations=perts, n_cells=n_cells)
     pred = predict_cells(predictor, C, req, seed=seed, repeat_mean=repeat_mean, genes=genes)
     pred.uns["celltwin_predict"].update({"model": str(meta.get("model")), "run": str(run_dir)})
+    if sample_counts is not None:
+        pred = to_counts(pred, raw_c, raw_idx, pre.target_sum, seed, dist=sample_counts, theta=nb_theta)
     with atomic_path(out, suffix=".h5ad") as tmp:
         pred.write_h5ad(tmp)
     if write_real is not None:

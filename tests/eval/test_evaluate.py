@@ -237,7 +237,7 @@ FULL_CASES = {
 
 @pytest.mark.parametrize("case", list(FULL_CASES))
 def test_full_profile_matches_cell_eval(case, tmp_path):
-    """Every full-profile column except clustering_agreement, values and null/NaN placement in results.csv."""
+    """Every full-profile column (clustering_agreement included), values and null/NaN placement in results.csv."""
     from cell_eval import MetricsEvaluator
 
     kr, kp = FULL_CASES[case]
@@ -252,9 +252,7 @@ def test_full_profile_matches_cell_eval(case, tmp_path):
             num_threads=1,
             outdir=str(tmp_path / "ce"),
         )
-        ref_res, ref_agg = ev.compute(
-            profile="full", skip_metrics=["clustering_agreement"], break_on_error=True
-        )
+        ref_res, ref_agg = ev.compute(profile="full", break_on_error=True)
     finally:
         logging.disable(logging.NOTSET)
     ours = evaluate(pred.copy(), real.copy(), config=EvalConfig(profile="full"))
@@ -286,3 +284,16 @@ def test_full_profile_matches_cell_eval(case, tmp_path):
     assert ((a == "NaN") == (b == "NaN")).all().all()  # NaNs in the same cells
     if "null" in case:
         assert (b == "").to_numpy().any()  # the null perturbation really produced nulls
+
+
+def test_clustering_agreement_identity_and_missing_extra(monkeypatch):
+    """A prediction equal to the real file clusters identically (AMI 1); without the extra the column is left out."""
+    from celltwin.eval import _evaluate
+
+    real = _screen(3, counts=True, sparse=True, dtype=np.float32)
+    same = evaluate(real.copy(), real.copy(), config=EvalConfig(profile="full"))
+    assert same.results["clustering_agreement"].to_numpy() == pytest.approx(np.ones(7), abs=1e-12)
+    monkeypatch.setattr(_evaluate, "_has_cluster_extra", lambda: False)
+    with pytest.warns(UserWarning, match=r"clustering_agreement skipped.*celltwin\[cluster\]"):
+        res = evaluate(real.copy(), real.copy(), config=EvalConfig(profile="full"))
+    assert "clustering_agreement" not in res.results.columns and "pearson_edistance" in res.results.columns

@@ -23,9 +23,10 @@ Metrics (profile vcc, the 2025 challenge):
   mae                      mean absolute error of the perturbation pseudobulks (log1p space).
 Profile pds computes PDS only (no DE, fast). Profile full computes every metric of cell-eval's
 full profile (overlap/precision at N/50/100/200/500, DE Spearman/direction/recall/counts, PR and
-ROC AUC, pearson_delta, mse, mae, their deltas, PDS l1/l2/cosine, pearson_edistance) except
-clustering_agreement (leiden clustering; not implemented). pearson_edistance is quadratic in the
-number of control cells.
+ROC AUC, pearson_delta, mse, mae, their deltas, PDS l1/l2/cosine, pearson_edistance,
+clustering_agreement). clustering_agreement (Leiden clustering of perturbation centroids) needs
+the optional extra: pip install 'celltwin[cluster]' (scanpy + python-igraph); without it the column
+is left out with a warning. pearson_edistance is quadratic in the number of control cells.
 
 --mode legacy reproduces the 2025 leaderboard scorer (cell-eval 0.6.6 + pdex 0.1.27) instead.
 

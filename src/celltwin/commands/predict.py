@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-real", default=None, metavar="FILE",
                    help="also write the real test cells + controls (raw values) for `celltwin eval --real`")
     p.add_argument("--seed", type=int, default=0, help="seed of the control-cell draws (default 0)")
+    p.add_argument("--sample-counts", choices=["poisson", "nb"], default=None,
+                   help="write integer counts: predicted cells drawn around expm1(x) * L / T with library sizes L "
+                        "of the context's real controls; control rows = their real counts (runs trained on counts)")
+    p.add_argument("--nb-theta", type=float, default=10.0, help="NB inverse dispersion for --sample-counts nb (10)")
     add_column_arguments(p)
 
 
@@ -46,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     pred = predict_from_files(args.run_dir, args.data, args.output, split=args.split, counts=args.counts,
                               controls=args.controls, perturbations=perts, context=args.context,
                               repeat_mean=args.repeat_mean, write_real=args.write_real, seed=args.seed,
-                              columns=columns_from_args(args))
+                              columns=columns_from_args(args), sample_counts=args.sample_counts,
+                              nb_theta=args.nb_theta)
     info = pred.uns["celltwin_predict"]
     srcs = summarize_sources(pred)
     fb = sorted(p for p, s in srcs.items() if s != "model")

@@ -23,8 +23,20 @@ energy:1,mse:0.1), lr, weight_decay, warmup, min_lr_ratio, grad_clip, grad_accum
 ckpt_every, resume, log_every, val_pairs, val_every, threads, progress, tensorboard
 (see celltwin.models.st_runner.StateOptions). Multi-process: torchrun --nproc_per_node N -m celltwin train ...
 
-Example:
+ST on State Embedding cells (--input-space embedding): ST works on SE cell embeddings and a learned
+decoder maps its output back to the run's genes. --se-model DIR uses a model from `celltwin embed
+fit` (copied into the run); without it an SE model is fitted on the training cells first
+(options se_preset, se_steps, se_batch, se_lr; gene_loss_weight weighs the decoded-genes loss).
+
+Unseen perturbations (--set pert_embeddings=genes.safetensors): perturbations are encoded by their
+gene's vector from a table (`celltwin genes embed`, or .pt/.npy/.csv tables; pert_hgnc=hgnc_genes.tsv
+matches aliases), so a gene never perturbed in training is predicted from its vector at predict time.
+
+Examples:
   celltwin train --model linear --data screen.h5ad --split split.toml -o runs/linear
+  celltwin train --model state --data screen.h5ad --split split.toml -o runs/st --set preset=small
+  celltwin train --model state --input-space embedding --se-model se_model --data screen.h5ad \
+      --split split.toml -o runs/st-se
 """
 
 
@@ -35,14 +47,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="run directory to write")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--input-space", choices=["expression", "embedding"], default=None,
+                   help="state only: train on expression (default) or on SE cell embeddings")
+    p.add_argument("--se-model", default=None, metavar="DIR",
+                   help="state --input-space embedding: SE model directory (default: fit one on the training cells)")
     add_column_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from celltwin.errors import ConfigError
     from celltwin.predict import train_from_files
 
+    options = parse_sets(args.set)
+    for flag, key, value in (("--input-space", "input_space", args.input_space), ("--se-model", "se_model", args.se_model)):
+        if value is None:
+            continue
+        if args.model != "state":
+            msg = f"{flag}: only for --model state, got --model {args.model}"
+            raise ConfigError(msg)
+        options[key] = value
+    if args.se_model is not None and options.get("input_space", "expression") != "embedding":
+        msg = "--se-model: needs --input-space embedding"
+        raise ConfigError(msg)
     meta = train_from_files(args.model, args.data, args.split, args.output, seed=args.seed,
-                            options=parse_sets(args.set), columns=columns_from_args(args))
+                            options=options, columns=columns_from_args(args))
     dropped = meta.get("dropped_pairs") or []
     note = f"; dropped {len(dropped)} pair(s) below min_cells" if dropped else ""
     print(f"trained {args.model} on {meta['n_train_cells']} cells x {meta['n_genes']} genes -> {args.output}{note}")

@@ -31,7 +31,7 @@ __all__ = ["EvalConfig", "EvalResult", "evaluate", "PROFILES", "PROFILE_METRICS"
 PROFILE_METRICS: dict[str, tuple[str, ...]] = {
     "vcc": ("overlap_at_N", "mae", "discrimination_score_l1"),
     "pds": ("discrimination_score_l1",),
-    # cell-eval's ``full`` profile minus ``clustering_agreement`` (leiden clustering; not implemented)
+    # cell-eval's ``full`` profile; clustering_agreement needs the optional ``cluster`` extra
     "full": (
         *(f"overlap_at_{k}" for k in ("N", "50", "100", "200", "500")),
         *(f"precision_at_{k}" for k in ("N", "50", "100", "200", "500")),
@@ -52,6 +52,7 @@ PROFILE_METRICS: dict[str, tuple[str, ...]] = {
         "discrimination_score_l2",
         "discrimination_score_cosine",
         "pearson_edistance",
+        "clustering_agreement",
     ),
 }
 _DE_METRICS = frozenset(
@@ -68,8 +69,9 @@ class EvalConfig:
     profile
         ``"vcc"``: ``overlap_at_N`` (DES), ``mae``, ``discrimination_score_l1`` (PDS), the 2025
         challenge metrics. ``"pds"``: PDS only (no DE, fast). ``"full"``: every metric of cell-eval's
-        ``full`` profile except ``clustering_agreement`` (see :mod:`celltwin.eval._full`);
-        ``pearson_edistance`` is quadratic in the number of control cells.
+        ``full`` profile (see :mod:`celltwin.eval._full`); ``clustering_agreement`` needs scanpy +
+        python-igraph (``pip install 'celltwin[cluster]'``); ``pearson_edistance`` is quadratic in
+        the number of control cells.
     pert_col, control
         obs column holding the perturbation and the control label in it.
     control_source
@@ -360,6 +362,15 @@ def evaluate(
 
     cfg = config if config is not None else EvalConfig()
     metric_names = PROFILE_METRICS[cfg.profile]
+    if "clustering_agreement" in metric_names and not _has_cluster_extra():
+        import warnings
+
+        warnings.warn(
+            "clustering_agreement skipped: it needs scanpy and python-igraph "
+            "(pip install 'celltwin[cluster]'); every other metric of the profile is computed",
+            stacklevel=2,
+        )
+        metric_names = tuple(m for m in metric_names if m != "clustering_agreement")
     with _progress(cfg.progress) as prog:
         with prog.step("reading and normalising real"):
             ad_real, real_name = _as_anndata(real, "real")
@@ -414,6 +425,13 @@ def evaluate(
     return EvalResult(
         results=results, agg=agg, de_real=de_real, de_pred=de_pred, config=cfg, bulk=bulk, nulls=nulls
     )
+
+
+def _has_cluster_extra() -> bool:
+    """Whether scanpy, python-igraph and scikit-learn import (the ``cluster`` extra)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("scanpy", "igraph", "sklearn"))
 
 
 def _compute_metrics(
@@ -491,6 +509,8 @@ def _compute_metrics(
             vals[f"discrimination_score_{m}"] = _full.discrimination(delta_r, delta_p, perts, r.genes, m)
     if "pearson_edistance" in want:
         vals["pearson_edistance"] = np.full(P, _full.edistance_pearson(r, p, perts, control))
+    if "clustering_agreement" in want:
+        vals["clustering_agreement"] = np.full(P, _full.clustering_agreement(r, p, control))
     return vals, {k: v for k, v in nulls.items() if k in want}
 
 

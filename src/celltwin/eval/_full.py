@@ -44,6 +44,7 @@ __all__ = [
     "discrimination",
     "euclidean",
     "edistance_pearson",
+    "clustering_agreement",
 ]
 
 KS: tuple[int | None, ...] = (None, 50, 100, 200, 500)
@@ -344,3 +345,75 @@ def edistance_pearson(real, pred, perts: Sequence[str], control: str) -> float:
             d[i] = 2 * dl - sx - sig_c
         out.append(d)
     return float(pearsonr(out[0], out[1]).correlation)
+
+
+#: Leiden resolutions of cell-eval's ``ClusteringAgreement`` defaults (real side: 1.0; predicted: swept).
+CLUSTER_REAL_RESOLUTION = 1.0
+CLUSTER_PRED_RESOLUTIONS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.5, 2.0)
+CLUSTER_NEIGHBORS = 15
+
+
+def _centroids(side, control: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, centroids)`` of every non-control label: labels in ``np.unique`` (sorted) order,
+    each centroid the float64 mean of the label's cells (rows densified per label, never the whole
+    matrix; the same reduction as numpy on the densified rows)."""
+    names = np.unique(side.labels)
+    names = names[names != control]
+    C = np.zeros((names.size, side.X.shape[1]), dtype=np.float64)
+    for i, name in enumerate(names):
+        rows = _dense(side.X[np.flatnonzero(side.labels == name)])
+        C[i] = rows.astype(np.float64).mean(axis=0)
+    return names, C
+
+
+def _leiden_labels(C: np.ndarray, resolutions: Sequence[float], n_neighbors: int) -> list[np.ndarray]:
+    """scanpy ``pp.neighbors(use_rep="X", n_neighbors=min(k, n - 1))`` once, then ``tl.leiden``
+    (``flavor="igraph"``, ``n_iterations=2``, scanpy's default ``random_state=0``) per resolution."""
+    import anndata as ad
+    import scanpy as sc
+
+    a = ad.AnnData(X=C)
+    sc.pp.neighbors(a, n_neighbors=min(n_neighbors, a.n_obs - 1), use_rep="X")
+    out = []
+    for res in resolutions:
+        sc.tl.leiden(a, resolution=res, key_added="_leiden", flavor="igraph", n_iterations=2)
+        out.append(a.obs["_leiden"].to_numpy().copy())
+    return out
+
+
+def clustering_agreement(real, pred, control: str) -> float:
+    """``clustering_agreement``: do the predicted perturbation centroids cluster like the real ones?
+
+    cell-eval 0.8.2 semantics (``ClusteringAgreement`` defaults): per side, the float64 centroid of
+    each non-control perturbation (in the file's normalised space); the real centroids are
+    clustered once with Leiden at resolution 1.0, the predicted ones at each of
+    :data:`CLUSTER_PRED_RESOLUTIONS`, on scanpy's kNN graph of the centroids (15 neighbours, or
+    ``n - 1``); the score is the best adjusted mutual information (scikit-learn, perturbations
+    aligned by name) over the predicted resolutions, floored at 0. One value for the whole file
+    (repeated on every perturbation row, as cell-eval does). The clustering is delegated to scanpy
+    + python-igraph (the optional ``cluster`` extra), so the numbers are those of the same
+    scanpy / igraph versions (without them :func:`celltwin.eval.evaluate` leaves the column out
+    with a warning; calling this function directly raises a ConfigError naming the extra).
+    """
+    try:
+        import igraph  # noqa: F401
+        import scanpy  # noqa: F401
+        from sklearn.metrics import adjusted_mutual_info_score
+    except ImportError as e:
+        from celltwin.errors import ConfigError
+
+        msg = (f"metric clustering_agreement needs scanpy and python-igraph ({e.name} is missing): "
+               "pip install 'celltwin[cluster]', or use a profile without it")
+        raise ConfigError(msg) from None
+    import pandas as pd
+
+    names_r, C_r = _centroids(real, control)
+    names_p, C_p = _centroids(pred, control)
+    order = sorted(names_r.tolist())
+    (lab_r,) = _leiden_labels(C_r, (CLUSTER_REAL_RESOLUTION,), CLUSTER_NEIGHBORS)
+    lab_r = pd.Categorical(pd.Series(lab_r, index=names_r).loc[order])
+    best = 0.0
+    for lab_p in _leiden_labels(C_p, CLUSTER_PRED_RESOLUTIONS, CLUSTER_NEIGHBORS):
+        lab = pd.Categorical(pd.Series(lab_p, index=names_p).loc[order])
+        best = max(best, adjusted_mutual_info_score(lab_r, lab))
+    return float(best)

@@ -22,13 +22,38 @@ rank 0 writes the files.
 Prediction: the given control cells are shuffled with the caller's ``rng`` and cut into
 ``ceil(n / set_size)`` near-equal sets, each mapped by the model (so every cell of a set sees
 the same perturbation), then put back in the input order. A perturbation outside the training
-vocabulary gets the control cells back unchanged (``describe`` says ``fallback:control``);
+vocabulary gets the control cells back unchanged (``describe`` says ``fallback:control``),
+unless the run encodes perturbations by gene-embedding vectors (``pert_embeddings=TABLE``, any
+:func:`celltwin.genes.load_gene_table` format): then an unseen gene found in that table (by
+name, or through ``pert_hgnc``) is encoded by its vector and predicted by the model
+(``describe``: ``model:gene-embedding``). The table is read again from its recorded path at
+predict time (it can be large: it is not copied into the run);
 a combination ``A+B`` is encoded as the sum of its members' one-hot inputs, so an unseen
 combination of seen genes is predicted by the model; a context outside the vocabulary uses the
 "unknown context" token, trained by dropping the context token of a set with probability
 ``context_dropout``. Predicted values below
 ``zero_below`` are written as exact zeros (the output never reaches 0 exactly; without this
 snap the evaluator's rank test would call every sparse gene differentially expressed).
+
+**ST on SE embeddings** (``--set input_space=embedding``, or ``celltwin train --input-space
+embedding``): every cell is first embedded by a State Embedding model
+(:mod:`celltwin.models.state_embedding`); ST maps the *embedded* control set to the embedded
+perturbed set and a learned gene decoder (in the ST model) maps each predicted embedding to the
+run's genes, so predictions are gene-space cells scored by ``celltwin eval`` like any other.
+The loss is the set loss on embeddings plus ``gene_loss_weight`` x the same loss on the decoded
+genes against the observed perturbed cells. The SE model is ``se_model`` (a directory from
+``celltwin embed fit``, copied into ``RUN/state/se`` so the run is self-contained), or, when
+``se_model`` is empty, one fitted on the run's training cells first (``se_preset``,
+``se_steps``, ``se_batch``, ``se_lr``; written to ``RUN/state/se``, resumable like the rest).
+Normalisation bridge (:class:`SEBridge`): the run's cells are ``log1p(x / total * T_run)`` and
+an SE model fitted on counts expects ``log1p(x / total * T_se)``; both totals are over all the
+file's genes, so ``log1p(expm1(v) * T_se / T_run)`` converts exactly. When either side was
+fitted on already log-normalised data the values are used as they are (recorded in run.json).
+SE genes that are not among the run's genes are fed as zero expression, as ``celltwin embed
+transform`` does for genes missing from a file; the share found is recorded, and no overlap at
+all is an error. Design choice: the predictor embeds the control cells it is given (instead of
+reading a precomputed ``obsm["X_state"]``), so ``celltwin predict`` takes the same inputs for
+every model and ``--controls`` works unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +78,8 @@ __all__ = ["StateOptions", "train_state", "load_state", "StatePredictor", "parse
 
 MODEL_SUBDIR = "state"
 TRAIN_SUBDIR = "train"
+SE_SUBDIR = "se"  # RUN/state/se: the SE model of an embedding-space run
+_INPUT_SPACES = ("expression", "embedding")
 
 #: ``--set`` options the demo uses (simulator preset ``demo``: 1,500 genes; ~40-50 s on a shared 2-core CPU;
 #: one torch thread because OpenMP spin-waiting makes 2 threads 10-40x slower on an oversubscribed machine).
@@ -107,10 +134,49 @@ class StateOptions:
     threads: int = 0  # torch CPU threads (0 = torch's default)
     progress: bool = True
     tensorboard: bool = True
+    # --- ST on SE embeddings (input_space=embedding)
+    input_space: str = "expression"  # expression | embedding (SE cell embeddings, decoded to genes)
+    se_model: str = ""  # SE model directory (`celltwin embed fit`); "" = fit one on the training cells
+    se_preset: str = "tiny"  # size of the SE fitted in the run: tiny | small | published
+    se_steps: int = 300  # optimiser steps of the SE fitted in the run
+    se_batch: int = 64  # cells per step of the SE fitted in the run
+    se_lr: float = 1e-3  # peak learning rate of the SE fitted in the run
+    gene_loss_weight: float = 1.0  # weight of the decoded-genes loss (embedding input)
+    # --- perturbations as gene-embedding vectors (unseen perturbations reachable)
+    pert_embeddings: str = ""  # gene table (celltwin.genes.load_gene_table formats); "" = one-hot
+    pert_hgnc: str = ""  # HGNC table (hgnc_genes.tsv) to match perturbation names through aliases
 
     def __post_init__(self) -> None:
+        from celltwin.models.state_embedding import SE_PRESETS
+
         if self.preset not in PRESETS:
             raise ConfigError(f"state option preset: expected one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.input_space not in _INPUT_SPACES:
+            raise ConfigError(f"state option input_space: expected one of {', '.join(_INPUT_SPACES)}, "
+                              f"got {self.input_space!r}")
+        if self.se_preset not in SE_PRESETS:
+            raise ConfigError(f"state option se_preset: expected one of {', '.join(SE_PRESETS)}, got {self.se_preset!r}")
+        if self.se_model and not (Path(self.se_model) / "config.json").is_file():
+            raise ConfigError(f"state option se_model: {self.se_model} is not an SE model directory "
+                              f"(expected config.json from `celltwin embed fit`)")
+        if self.se_model and self.input_space != "embedding":
+            raise ConfigError("state option se_model: only used with input_space=embedding")
+        for name in ("se_steps", "se_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"state option {name}: expected >= 1, got {getattr(self, name)}")
+        if not self.se_lr > 0:
+            raise ConfigError(f"state option se_lr: expected > 0, got {self.se_lr}")
+        if self.gene_loss_weight < 0:
+            raise ConfigError(f"state option gene_loss_weight: expected >= 0, got {self.gene_loss_weight}")
+        for name in ("pert_embeddings", "pert_hgnc"):
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                raise ConfigError(f"state option {name}: file {getattr(self, name)} not found")
+        if self.pert_hgnc and not self.pert_embeddings:
+            raise ConfigError("state option pert_hgnc: only used with pert_embeddings")
+        # absolute paths: predict reads the gene table again, possibly from another directory
+        for name in ("pert_embeddings", "pert_hgnc", "se_model"):
+            if getattr(self, name):
+                setattr(self, name, str(Path(getattr(self, name)).resolve()))
         for name in ("steps", "batch_sets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"state option {name}: expected >= 1, got {getattr(self, name)}")
@@ -144,9 +210,14 @@ class StateOptions:
                 raise ConfigError(f"state option {k}: expected {t.__name__}, got {v!r}") from None
         return cls(**kw)
 
-    def model_config(self, input_dim: int, n_perts: int, n_contexts: int) -> STConfig:
+    def model_config(self, input_dim: int, n_perts: int, n_contexts: int, n_genes: int = 0,
+                     pert_emb_dim: int = 0) -> STConfig:
         over: dict[str, Any] = {"input_dim": input_dim, "n_perts": n_perts, "n_contexts": n_contexts,
-                                "dropout": self.dropout, "loss_weights": parse_loss(self.loss)}
+                                "pert_emb_dim": pert_emb_dim,
+                                "dropout": self.dropout, "loss_weights": parse_loss(self.loss),
+                                "input_space": self.input_space, "gene_loss_weight": self.gene_loss_weight}
+        if self.input_space == "embedding":
+            over["n_genes"] = n_genes
         for name in ("set_size", "hidden", "n_layers", "n_heads", "mlp_hidden"):
             if getattr(self, name):
                 over[name] = getattr(self, name)
@@ -165,11 +236,13 @@ def _member_table(labels: list[str], member_ids: dict[str, int]) -> torch.Tensor
     return torch.tensor([m + [-1] * (k - len(m)) for m in members], dtype=torch.long)
 
 
-def _make_step(context_dropout: float, members: torch.Tensor):
+def _make_step(context_dropout: float, members: torch.Tensor, emb_dim: int | None = None):
     """The loop's step function: forward on the (possibly DDP-wrapped) model, ST loss parts.
 
     The context token of a set is replaced by "unknown" (id 0) with probability
     ``context_dropout`` (torch's global RNG: restored on resume, so resumption stays exact).
+    ``emb_dim``: embedding input; each cell row is ``[embedding (E) | genes (G)]`` and ST sees
+    the first E columns, the decoded-genes loss the last G.
     """
     from celltwin.train import unwrap
 
@@ -179,10 +252,136 @@ def _make_step(context_dropout: float, members: torch.Tensor):
             drop = torch.rand(ctx.shape, device=ctx.device) < context_dropout
             ctx = torch.where(drop, torch.zeros_like(ctx), ctx)
         pid = members.to(ctx.device)[batch["pert_idx"]]  # (B, K) member ids of the set's label
-        out = model(batch["ctrl"], pid, ctx)
-        return unwrap(model).loss(out, batch["pert"])
+        if emb_dim is None:
+            out = model(batch["ctrl"], pid, ctx)
+            return unwrap(model).loss(out, batch["pert"])
+        ctrl, tgt = batch["ctrl"][..., :emb_dim], batch["pert"]  # (B, S, E), (B, S, E + G)
+        out = model(ctrl, pid, ctx)
+        return unwrap(model).loss(out, tgt[..., :emb_dim], tgt[..., emb_dim:])
 
     return step
+
+
+@dataclass
+class SEBridge:
+    """Run-space cells -> SE cell embeddings (see the module docstring, "Normalisation bridge").
+
+    ``cols[j]``: column of SE gene j in the run's genes (-1 = absent, fed as 0); ``scale``:
+    ``T_se / T_run`` applied as ``log1p(expm1(v) * scale)``, ``None`` = values used as they are.
+    """
+
+    model: Any  # celltwin.models.state_embedding.StateEmbeddingModel
+    cols: np.ndarray  # (G_se,) int64
+    scale: float | None
+    note: str = ""
+    batch_size: int = 512
+
+    @classmethod
+    def build(cls, model: Any, se_dir: Path, run_genes: list[str], run_pre: Any) -> SEBridge:
+        from celltwin.data.preprocess import Preprocessing
+
+        pos = {g: i for i, g in enumerate(run_genes)}
+        cols = np.array([pos.get(g, -1) for g in model.genes], dtype=np.int64)
+        found = int((cols >= 0).sum())
+        if found == 0:
+            raise InputError(f"SE model {se_dir}: none of its {len(model.genes)} genes is among the run's "
+                             f"{len(run_genes)} genes (first run genes: {', '.join(run_genes[:5])})")
+        se_pre = Preprocessing.load(se_dir) if (se_dir / "preprocess.json").exists() else None
+        t_run = getattr(run_pre, "target_sum", None)
+        t_se = getattr(se_pre, "target_sum", None)
+        log_ok = getattr(run_pre, "log1p", True) and getattr(se_pre, "log1p", True)
+        if t_run is not None and t_se is not None and log_ok:
+            scale = None if t_se == t_run else float(t_se) / float(t_run)
+            note = f"log1p(expm1(v) * {t_se:.6g} / {t_run:.6g})" if scale is not None else "same normalisation"
+        else:
+            scale = None
+            note = ("values used as they are (the SE model or the run was fitted on log-normalised input, "
+                    "e.g. an SE fitted on this run's own cells)")
+        note = f"{found}/{len(model.genes)} SE genes found among the run's genes; {note}"
+        return cls(model=model, cols=cols, scale=scale, note=note)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.d_out)
+
+    @torch.no_grad()
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        """(n, G_run) float32 run space -> (n, E) float32 SE embeddings (batched, eval mode)."""
+        from celltwin.models.se_runner import embed_rows
+
+        m = self.model
+        was_training = m.training
+        m.eval()
+        device = next(m.parameters()).device
+        present = self.cols >= 0
+        out = np.empty((x.shape[0], self.dim), dtype=np.float32)
+        for start in range(0, x.shape[0], self.batch_size):
+            blk = np.asarray(x[start:start + self.batch_size], dtype=np.float32)
+            v = np.zeros((blk.shape[0], self.cols.size), dtype=np.float32)  # (b, G_se)
+            v[:, present] = blk[:, self.cols[present]]
+            if self.scale is not None:
+                v = np.log1p(np.expm1(v.astype(np.float64)) * self.scale).astype(np.float32)
+            out[start:start + blk.shape[0]] = embed_rows(m, v, None, device)
+        if was_training:
+            m.train()
+        return out
+
+
+def _load_pert_genes(path: str, hgnc: str) -> tuple[Any, Any]:
+    from celltwin.genes import HgncIndex, load_gene_table
+
+    return load_gene_table(path), (HgncIndex.from_tsv(hgnc) if hgnc else None)
+
+
+def _pert_table(opts: StateOptions, pert_vocab: list[str]) -> torch.Tensor:
+    """(P, E) perturbation inputs: row 0 (control) = zeros (no perturbation), then each gene's vector.
+
+    Every perturbed gene of the training data must have a vector (an InputError names the
+    missing ones): a silent zero or random row would make the gene indistinguishable from control.
+    """
+    from celltwin.genes import align_gene_table
+
+    table, hgnc = _load_pert_genes(opts.pert_embeddings, opts.pert_hgnc)
+    genes = pert_vocab[1:]
+    vec, found, _ = align_gene_table(table, genes, hgnc)
+    if not found.all():
+        missing = [g for g, f in zip(genes, found, strict=True) if not f]
+        raise InputError(f"state option pert_embeddings: {opts.pert_embeddings} has no vector for {len(missing)} of "
+                         f"the {len(genes)} perturbed genes of the training data ({', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''}); use a table that covers them (pert_hgnc maps "
+                         "aliases) or leave those perturbations out of the split")
+    return torch.from_numpy(np.vstack([np.zeros((1, table.dim), np.float32), vec]))
+
+
+def _se_for_run(opts: StateOptions, adata: Any, run_dir: Path, request: Any, log=print) -> tuple[Any, str]:
+    """The SE model of an embedding-space run: copied from ``opts.se_model`` or fitted on ``adata``.
+
+    Both end in ``RUN/state/se``; returns ``(model, how)``.
+    """
+    import shutil
+
+    from celltwin.models.state_embedding import StateEmbeddingConfig, StateEmbeddingModel
+
+    se_dir = run_dir / MODEL_SUBDIR / SE_SUBDIR
+    if opts.se_model:
+        src = Path(opts.se_model)
+        model = StateEmbeddingModel.from_pretrained(src)
+        if src.resolve() != se_dir.resolve():
+            se_dir.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():  # the model files only (not checkpoints / metrics of its training)
+                if f.is_file() and f.suffix in (".json", ".txt", ".safetensors"):
+                    shutil.copyfile(f, se_dir / f.name)
+        return model, f"copied from {src}"
+    from celltwin.models.se_runner import fit_state_embedding
+    from celltwin.train import TrainConfig
+
+    cfg = StateEmbeddingConfig.preset(opts.se_preset, seed=request.seed)
+    tcfg = TrainConfig(max_steps=opts.se_steps, lr=opts.se_lr, warmup_steps=min(opts.se_steps // 20, opts.se_steps),
+                       device=opts.device, seed=request.seed, ckpt_every=opts.ckpt_every, resume=opts.resume,
+                       progress=opts.progress, tensorboard=False, precision=opts.precision)
+    res = fit_state_embedding(adata, se_dir, config=cfg, train_config=tcfg, batch_size=opts.se_batch,
+                              log=lambda _m: None)
+    return res.model, f"fitted on the training cells ({opts.se_preset}, {opts.se_steps} steps)"
 
 
 def _dense(X: Any) -> np.ndarray:
@@ -236,9 +435,23 @@ def train_state(request: Any) -> dict:
             train_mask &= ~((labels.context == c) & (labels.pert == p))
 
     info = init_distributed(opts.device)
+    X = _dense(adata.X)  # (n, G) run space
+    bridge, se_how = None, ""
+    if opts.input_space == "embedding":
+        se_model, se_how = _se_for_run(opts, adata, run_dir, request)
+        se_model.to(info.device)
+        bridge = SEBridge.build(se_model, run_dir / MODEL_SUBDIR / SE_SUBDIR, genes, request.preprocess)
+        emb = bridge.embed(X)  # (n, E)
+        Xin = np.ascontiguousarray(np.hstack([emb, X]))  # (n, E + G): ST input | decoded-genes target
+    else:
+        Xin = X
+    pert_table = _pert_table(opts, pert_vocab) if opts.pert_embeddings else None
     seed_everything(request.seed)
-    cfg = opts.model_config(len(genes), len(pert_vocab), len(contexts))
-    model = StateTransition(cfg, vocab={"genes": genes, "perturbations": pert_vocab, "contexts": ctx_vocab})
+    in_dim = bridge.dim if bridge is not None else len(genes)
+    cfg = opts.model_config(in_dim, len(pert_vocab), len(contexts), n_genes=len(genes),
+                            pert_emb_dim=0 if pert_table is None else int(pert_table.shape[1]))
+    model = StateTransition(cfg, pert_table=pert_table,
+                            vocab={"genes": genes, "perturbations": pert_vocab, "contexts": ctx_vocab})
     vocabs = Vocabularies(perturbations=Vocab(label_vocab, "perturbation"),
                           contexts=Vocab(ctx_vocab, "context", unknown=ctx_vocab[0]),
                           batches=Vocab.from_values(labels.batch, "batch"), genes=Vocab(genes, "gene"))
@@ -247,8 +460,7 @@ def train_state(request: Any) -> dict:
         SetSamplerConfig(set_size=cfg.set_size, seed=request.seed, match=opts.match, control_sets=True),
         rank=info.rank, world_size=info.world_size,
     )
-    X = _dense(adata.X)
-    mem = ad.AnnData(X=X, obs=obs)
+    mem = ad.AnnData(X=Xin, obs=obs)
     dataset = CellSetDataset(MemorySource(mem, "training data"), sampler, vocabs)
     loader = DataLoader(dataset, batch_size=opts.batch_sets, shuffle=False, num_workers=0)
     tcfg = TrainConfig(
@@ -262,10 +474,11 @@ def train_state(request: Any) -> dict:
                    "labels": label_vocab,
                    "contexts": ctx_vocab, "seed": request.seed}
     _check_resume(run_dir / TRAIN_SUBDIR / "checkpoints" / "last.pt", fingerprint, opts)
-    val_fn = _make_val_fn(X, labels, val_groups, cfg, opts, model) if val_groups else None
+    val_fn = _make_val_fn(X, labels, val_groups, cfg, opts, model, bridge) if val_groups else None
     try:
         members = _member_table(label_vocab, {p: i for i, p in enumerate(pert_vocab)})
-        res = fit(model, _make_step(opts.context_dropout, members), loader, tcfg, val_fn=val_fn, dist_info=info,
+        step_fn = _make_step(opts.context_dropout, members, bridge.dim if bridge is not None else None)
+        res = fit(model, step_fn, loader, tcfg, val_fn=val_fn, dist_info=info,
                   count_fn=lambda b: int(b["pert"].shape[0] * b["pert"].shape[1]), extra_state=fingerprint)
         if info.is_main:
             model.to("cpu").save_pretrained(run_dir / MODEL_SUBDIR)
@@ -279,7 +492,8 @@ def train_state(request: Any) -> dict:
             "cells_per_s": None if res.items_per_s is None else round(res.items_per_s, 1),
             "final_losses": res.last_losses, "val": res.last_val,
             "val_pairs": [list(g) for g in val_groups], "world_size": info.world_size,
-            "options": asdict(opts),
+            "options": asdict(opts), "input_space": opts.input_space,
+            **({"se": {"model": se_how, "bridge": bridge.note, "dim": bridge.dim}} if bridge is not None else {}),
         }
     }
 
@@ -304,7 +518,7 @@ def _resume_key(options: dict) -> dict:
 
 
 def _make_val_fn(X: np.ndarray, labels: Any, val_groups: list[tuple[str, str]], cfg: STConfig,
-                 opts: StateOptions, model: StateTransition):
+                 opts: StateOptions, model: StateTransition, bridge: SEBridge | None = None):
     """Validation: predict the held-out groups from their context's controls, score with celltwin.eval."""
     import anndata as ad
     import pandas as pd
@@ -318,7 +532,7 @@ def _make_val_fn(X: np.ndarray, labels: Any, val_groups: list[tuple[str, str]], 
     ctrl_rows = labels.control_rows()
 
     def val(m: torch.nn.Module, step: int) -> dict[str, float]:
-        pred = _Predictor(m, opts.zero_below)
+        pred = _Predictor(m, opts.zero_below, bridge)
         rng = np.random.default_rng(0)
         sums: dict[str, list[float]] = {}
         for c, ps in sorted(by_ctx.items()):
@@ -351,25 +565,58 @@ def _make_val_fn(X: np.ndarray, labels: Any, val_groups: list[tuple[str, str]], 
 class _Predictor:
     """Set-wise prediction with an in-memory model (shared by validation and :class:`StatePredictor`)."""
 
-    def __init__(self, model: StateTransition, zero_below: float) -> None:
+    def __init__(self, model: StateTransition, zero_below: float, bridge: SEBridge | None = None,
+                 pert_genes: tuple[str, str] | None = None) -> None:
         self.model = model
         self.zero_below = zero_below
+        # (table path, hgnc path): where vectors of perturbations unseen in training are looked up
+        self.pert_genes = pert_genes
+        self._pert_lookup: tuple[Any, Any] | None = None
+        self.from_table: set[str] = set()  # genes added from the table after training
+        self.bridge = bridge  # embedding input: run-space cells -> SE embeddings
+        if model.config.input_space == "embedding" and (bridge is None or model.gene_decoder is None):
+            raise ConfigError("ST on embeddings needs its SE model and a gene decoder (n_genes > 0)")
         v = model.vocab
         self.genes: list[str] = list(v.get("genes", []))
         self.pert_ids = {p: i for i, p in enumerate(v.get("perturbations", []))}
         self.ctx_ids = {c: i for i, c in enumerate(v.get("contexts", []))}
 
     def _members(self, perturbation: str) -> list[int] | None:
-        """Member ids of a label (None when a member is outside the vocabulary)."""
+        """Member ids of a label (None when a member is outside the vocabulary and has no vector)."""
         if perturbation == CONTROL_LABEL:
             return [0]
-        ids = [self.pert_ids.get(m) for m in split_combo(perturbation)]
+        ids = [self.pert_ids[m] if m in self.pert_ids else self._add_from_table(m) for m in split_combo(perturbation)]
         return None if (not ids or any(i is None for i in ids)) else ids  # type: ignore[return-value]
 
+    def _add_from_table(self, gene: str) -> int | None:
+        """A perturbation unseen in training: append its gene vector to the model's table (inference only)."""
+        m = self.model
+        if m.pert_table is None or self.pert_genes is None:
+            return None
+        from celltwin.genes import align_gene_table
+
+        if self._pert_lookup is None:
+            path, hgnc = self.pert_genes
+            if not Path(path).is_file():
+                raise InputError(f"perturbation {gene!r} is not in the trained vocabulary and the gene table the "
+                                 f"run was trained with ({path}) is gone; restore it to predict unseen genes")
+            self._pert_lookup = _load_pert_genes(path, hgnc)
+        table, hgnc_index = self._pert_lookup
+        vec, found, _ = align_gene_table(table, [gene], hgnc_index)
+        if not found[0]:
+            return None
+        row = torch.from_numpy(vec).to(m.pert_table.device, m.pert_table.dtype)  # (1, E)
+        m.pert_table = torch.cat([m.pert_table, row])  # buffer grows by one row
+        self.pert_ids[gene] = m.pert_table.shape[0] - 1
+        self.from_table.add(gene)
+        return self.pert_ids[gene]
+
     def describe(self, perturbation: str, context: str | None) -> str:
-        if self._members(perturbation) is None:
+        members = self._members(perturbation)
+        if members is None:
             return "fallback:control"
-        return "model" if context is None or context in self.ctx_ids else "model:unknown-context"
+        src = "model:gene-embedding" if any(g in self.from_table for g in split_combo(perturbation)) else "model"
+        return src if context is None or context in self.ctx_ids else f"{src}:unknown-context"
 
     @torch.no_grad()
     def predict(self, controls: np.ndarray, perturbation: str, context: str | None,
@@ -385,12 +632,14 @@ class _Predictor:
         device = next(m.parameters()).device
         S = m.config.set_size
         order = rng.permutation(n)
-        out = np.empty_like(controls)
+        out = np.empty_like(controls)  # (n, G)
+        inputs = self.bridge.embed(controls) if self.bridge is not None else controls  # (n, E) or (n, G)
+        key = "genes" if self.bridge is not None else "pred"
         pid = torch.tensor([ids], device=device)  # (1, K)
         cid = torch.tensor([self.ctx_ids.get(context, 0) if context is not None else 0], device=device)
         for chunk in np.array_split(order, math.ceil(n / S)):
-            x = torch.from_numpy(controls[chunk]).to(device)[None]  # (1, s, G)
-            y = m(x, pid, cid if m.context_emb is not None else None)["pred"][0]  # (s, G)
+            x = torch.from_numpy(inputs[chunk]).to(device)[None]  # (1, s, D)
+            y = m(x, pid, cid if m.context_emb is not None else None)[key][0]  # (s, G)
             out[chunk] = y.float().cpu().numpy()
         out[out < self.zero_below] = 0.0
         if was_training:
@@ -409,7 +658,18 @@ class StatePredictor(_Predictor):
         model.to(dev).eval()
         meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
         zero_below = float(meta.get("state", {}).get("options", {}).get("zero_below", 0.01))
-        super().__init__(model, zero_below)
+        bridge = None
+        if model.config.input_space == "embedding":
+            from celltwin.data.preprocess import Preprocessing
+            from celltwin.models.state_embedding import StateEmbeddingModel
+
+            se_dir = d / SE_SUBDIR
+            se = StateEmbeddingModel.from_pretrained(se_dir).to(dev)
+            run_pre = Preprocessing.load(run_dir) if (run_dir / "preprocess.json").exists() else None
+            bridge = SEBridge.build(se, se_dir, list(model.vocab.get("genes", [])), run_pre)
+        opts = meta.get("state", {}).get("options", {})
+        pert_genes = (opts["pert_embeddings"], opts.get("pert_hgnc", "")) if opts.get("pert_embeddings") else None
+        super().__init__(model, zero_below, bridge, pert_genes)
 
 
 def load_state(run_dir: str | Path) -> StatePredictor:
