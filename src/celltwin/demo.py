@@ -90,7 +90,8 @@ def model_options(name: str, overrides: dict[str, dict[str, str]] | None = None)
     """Options a model trains with in the demo.
 
     A registered model's train module may define ``DEMO_OPTIONS`` (``--set`` strings sized for the
-    demo's time budget); ``overrides[name]`` is applied on top. Baselines use their defaults.
+    demo's time budget) or ``DEMO_OPTIONS_FOR[name]`` (per model name, used first);
+    ``overrides[name]`` is applied on top. Baselines use their defaults.
     """
     import importlib
 
@@ -99,7 +100,8 @@ def model_options(name: str, overrides: dict[str, dict[str, str]] | None = None)
     opts: dict[str, str] = {}
     if name not in BASELINE_ORDER:
         mod = importlib.import_module(MODELS[name][0].partition(":")[0])
-        opts.update(getattr(mod, "DEMO_OPTIONS", {}))
+        per_model = getattr(mod, "DEMO_OPTIONS_FOR", {})
+        opts.update(per_model[name] if name in per_model else getattr(mod, "DEMO_OPTIONS", {}))
     opts.update((overrides or {}).get(name, {}))
     return opts
 

@@ -81,6 +81,8 @@ MODELS: dict[str, tuple[str, str]] = {
     "additive": (f"{_B}:train", f"{_B}:load_predictor"),
     # the State Transition model (torch; imported only when used)
     "state": ("celltwin.models.st_runner:train_state", "celltwin.models.st_runner:load_state"),
+    # ST on State Embedding cells: `state` with input_space=embedding (SE given by se_model or fitted in the run)
+    "state-se": ("celltwin.models.st_runner:train_state_se", "celltwin.models.st_runner:load_state"),
 }
 
 

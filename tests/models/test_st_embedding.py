@@ -54,6 +54,12 @@ def test_bridge_maps_genes_and_rescales_exactly(tmp_path):
     want = np.log1p(counts / tot * 2000)[:, [2, 0]]  # SE genes C, A; Z = 0
     np.testing.assert_allclose(got[:, [0, 2]], want, rtol=1e-6)
     assert (got[:, 1] == 0).all()
+    # the prediction cache: duplicated and repeated rows give the same embeddings as a fresh call
+    rows = x_run[[0, 1, 0, 0, 1]]
+    np.testing.assert_array_equal(b.embed(rows, cache=True), b.embed(rows))
+    assert len(b._cache) == 2
+    np.testing.assert_array_equal(b.embed(x_run[[1]], cache=True), got[[1]])
+    assert len(b._cache) == 2
     # same normalisation -> no rescaling; log-normalised SE -> values as they are
     assert SEBridge.build(se, tmp_path, run_genes, _Pre(2000.0)).scale is None
     assert SEBridge.build(se, tmp_path / "none", run_genes, _Pre(500.0)).scale is None

@@ -116,6 +116,14 @@ def test_embedding_input_with_gene_decoder_and_loss():
     assert {"loss", "energy", "mse", "genes_energy", "genes_mse"} <= set(parts)
     parts["loss"].backward()
     assert m.gene_decoder.net[0].weight.grad.abs().sum() > 0
+    # residual decoder: at the identity start a predicted cell is its basal cell's genes (floored at 1e-3)
+    genes = torch.rand(2, 6, 20) * 3
+    genes[0, 0, :5] = 0.0
+    out = m(ctrl, torch.tensor([0, 2]), ctrl_genes=genes)
+    torch.testing.assert_close(out["genes"], genes.clamp_min(1e-3), rtol=1e-5, atol=1e-6)
+    m.config.decoder_residual = False  # plain decoder: basal genes ignored
+    torch.testing.assert_close(m(ctrl, torch.tensor([0, 2]), ctrl_genes=genes)["genes"],
+                               m(ctrl, torch.tensor([0, 2]))["genes"])
 
 
 def test_save_and_load_pretrained_roundtrip(tmp_path):

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-__all__ = ["add_column_arguments", "columns_from_args", "parse_sets"]
+__all__ = ["add_column_arguments", "columns_from_args", "parse_sets", "progress_callback"]
+
+
+@contextmanager
+def progress_callback(label: str, unit: str = "", enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A transient rich progress bar driven by the yielded ``callback(done, total)``; ``None`` when disabled."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    count = "{task.completed}/{task.total}" + (f" {unit}" if unit else "")
+    with Progress(TextColumn(label), BarColumn(), TextColumn(count), TimeRemainingColumn(), transient=True) as prog:
+        task = prog.add_task(label, total=None)
+        yield lambda done, total: prog.update(task, completed=done, total=total)
 
 
 def add_column_arguments(p: argparse.ArgumentParser) -> None:

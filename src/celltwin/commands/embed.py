@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from celltwin.commands._common import add_column_arguments, columns_from_args
+from celltwin.commands._common import add_column_arguments, columns_from_args, progress_callback
 
 HELP = "train the State Embedding model (fit) or write SE cell embeddings (transform)"
 DESCRIPTION = """\
@@ -171,26 +171,8 @@ def _transform(args: argparse.Namespace) -> int:
         dataset_key=args.dataset_key,
         hgnc=args.hgnc,
     )
-    if args.no_progress:
-        emb = transform(args.model, args.data, args.output, **kw)
-    else:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(
-            TextColumn("embedding"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} cells"),
-            TimeRemainingColumn(),
-            transient=True,
-        ) as prog:
-            task = prog.add_task("embed", total=None)
-            emb = transform(
-                args.model,
-                args.data,
-                args.output,
-                **kw,
-                progress=lambda done, total: prog.update(task, completed=done, total=total),
-            )
+    with progress_callback("embedding", "cells", not args.no_progress) as cb:
+        emb = transform(args.model, args.data, args.output, **kw, progress=cb)
     print(f"wrote {args.output}: obsm[{EMBED_KEY!r}] {emb.shape[0]} cells x {emb.shape[1]} dims")
     return 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from celltwin.commands._common import progress_callback
+
 HELP = "gene embeddings: embed proteins with a local ESM-2 model (embed), check coverage (coverage)"
 DESCRIPTION = """\
 embed:    run an ESM-2 checkpoint from a local directory (transformers format: config.json,
@@ -47,35 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _embed(args: argparse.Namespace) -> int:
     from celltwin.genes import embed_fasta, save_gene_table
 
-    if args.no_progress:
-        table = embed_fasta(
-            args.fasta,
-            args.model,
-            batch_size=args.batch_size,
-            max_residues=args.max_residues,
-            device=args.device,
-            layer=args.layer,
-        )
-    else:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(
-            TextColumn("embedding proteins"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeRemainingColumn(),
-            transient=True,
-        ) as prog:
-            task = prog.add_task("esm", total=None)
-            table = embed_fasta(
-                args.fasta,
-                args.model,
-                batch_size=args.batch_size,
-                max_residues=args.max_residues,
-                device=args.device,
-                layer=args.layer,
-                progress=lambda d, t: prog.update(task, completed=d, total=t),
-            )
+    with progress_callback("embedding proteins", "", not args.no_progress) as cb:
+        table = embed_fasta(args.fasta, args.model, batch_size=args.batch_size, max_residues=args.max_residues,
+                            device=args.device, layer=args.layer, progress=cb)
     save_gene_table(table, args.output)
     print(f"wrote {args.output}: {len(table.genes)} genes x {table.dim} dims")
     return 0

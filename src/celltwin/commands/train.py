@@ -23,7 +23,7 @@ energy:1,mse:0.1), lr, weight_decay, warmup, min_lr_ratio, grad_clip, grad_accum
 ckpt_every, resume, log_every, val_pairs, val_every, threads, progress, tensorboard
 (see celltwin.models.st_runner.StateOptions). Multi-process: torchrun --nproc_per_node N -m celltwin train ...
 
-ST on State Embedding cells (--input-space embedding): ST works on SE cell embeddings and a learned
+ST on State Embedding cells (--input-space embedding, or --model state-se): ST works on SE cell embeddings and a learned
 decoder maps its output back to the run's genes. --se-model DIR uses a model from `celltwin embed
 fit` (copied into the run); without it an SE model is fitted on the training cells first
 (options se_preset, se_steps, se_batch, se_lr; gene_loss_weight weighs the decoded-genes loss).
@@ -59,14 +59,16 @@ def run(args: argparse.Namespace) -> int:
     from celltwin.predict import train_from_files
 
     options = parse_sets(args.set)
-    for flag, key, value in (("--input-space", "input_space", args.input_space), ("--se-model", "se_model", args.se_model)):
+    flags = (("--input-space", "input_space", args.input_space), ("--se-model", "se_model", args.se_model))
+    for flag, key, value in flags:
         if value is None:
             continue
-        if args.model != "state":
-            msg = f"{flag}: only for --model state, got --model {args.model}"
+        if args.model not in ("state", "state-se"):
+            msg = f"{flag}: only for --model state / state-se, got --model {args.model}"
             raise ConfigError(msg)
         options[key] = value
-    if args.se_model is not None and options.get("input_space", "expression") != "embedding":
+    embedding = args.model == "state-se" or options.get("input_space", "expression") == "embedding"
+    if args.se_model is not None and not embedding:
         msg = "--se-model: needs --input-space embedding"
         raise ConfigError(msg)
     meta = train_from_files(args.model, args.data, args.split, args.output, seed=args.seed,

@@ -161,12 +161,19 @@ class EvalResult:
 
         _csv(self.results, "results.csv", self.nulls)
         _csv(self.agg, "agg_results.csv", {})
-        for side, table in (("real", self.de_real), ("pred", self.de_pred)):
-            if table is not None:
-                path = out / f"{side}_de.csv"
-                with atomic_path(path) as tmp:
-                    _write_table_csv(table, tmp)
-                written.append(path)
+        tables = [(out / f"{side}_de.csv", t) for side, t in (("real", self.de_real), ("pred", self.de_pred))
+                  if t is not None]
+
+        def _de(item: tuple[Path, Any]) -> Path:
+            with atomic_path(item[0]) as tmp:
+                _write_table_csv(item[1], tmp)
+            return item[0]
+
+        # the two DE tables are written concurrently: polars formats and writes without the GIL
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=max(1, len(tables))) as pool:
+            written.extend(pool.map(_de, tables))
         if report:
             from celltwin.eval._report import write_report
 

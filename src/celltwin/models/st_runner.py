@@ -40,6 +40,9 @@ embedding``): every cell is first embedded by a State Embedding model
 (:mod:`celltwin.models.state_embedding`); ST maps the *embedded* control set to the embedded
 perturbed set and a learned gene decoder (in the ST model) maps each predicted embedding to the
 run's genes, so predictions are gene-space cells scored by ``celltwin eval`` like any other.
+By default the decoder is residual (``STConfig.decoder_residual``): a predicted cell is its basal
+cell's genes plus ``dec(predicted embedding) - dec(basal embedding)`` (in softplus space), so the
+embedding carries the perturbation and the cell keeps the detail a small embedding cannot hold.
 The loss is the set loss on embeddings plus ``gene_loss_weight`` x the same loss on the decoded
 genes against the observed perturbed cells. The SE model is ``se_model`` (a directory from
 ``celltwin embed fit``, copied into ``RUN/state/se`` so the run is self-contained), or, when
@@ -74,7 +77,7 @@ from celltwin.losses import LOSSES
 from celltwin.models.state_transition import PRESETS, STConfig, StateTransition
 from celltwin.train import TrainConfig, cleanup_distributed, fit, init_distributed, seed_everything
 
-__all__ = ["StateOptions", "train_state", "load_state", "StatePredictor", "parse_loss", "split_combo", "DEMO_OPTIONS"]
+__all__ = ["StateOptions", "train_state", "train_state_se", "load_state", "StatePredictor", "parse_loss", "split_combo", "DEMO_OPTIONS"]
 
 MODEL_SUBDIR = "state"
 TRAIN_SUBDIR = "train"
@@ -85,6 +88,11 @@ _INPUT_SPACES = ("expression", "embedding")
 #: one torch thread because OpenMP spin-waiting makes 2 threads 10-40x slower on an oversubscribed machine).
 DEMO_OPTIONS: dict[str, str] = {"preset": "small", "steps": "250", "batch_sets": "8", "lr": "2e-3",
                                 "progress": "false", "tensorboard": "false", "threads": "1"}
+#: per registered model name (read by celltwin.demo.model_options before DEMO_OPTIONS)
+DEMO_OPTIONS_FOR: dict[str, dict[str, str]] = {
+    "state-se": {**DEMO_OPTIONS, "input_space": "embedding", "se_preset": "tiny", "se_steps": "200",
+                 "se_batch": "64"},
+}
 
 
 def parse_loss(spec: str) -> dict[str, float]:
@@ -141,7 +149,10 @@ class StateOptions:
     se_steps: int = 300  # optimiser steps of the SE fitted in the run
     se_batch: int = 64  # cells per step of the SE fitted in the run
     se_lr: float = 1e-3  # peak learning rate of the SE fitted in the run
-    gene_loss_weight: float = 1.0  # weight of the decoded-genes loss (embedding input)
+    # weight of the decoded-genes loss (embedding input). SE embeddings are unit-norm, so the
+    # embedding-space energy is ~100x smaller than the gene-space one; measured on the demo
+    # (`celltwin demo`, SE tiny, 200 steps): weight 1 -> score 0.027, 10 -> 0.243, 50 -> 0.277, 200 -> 0.280
+    gene_loss_weight: float = 50.0
     # --- perturbations as gene-embedding vectors (unseen perturbations reachable)
     pert_embeddings: str = ""  # gene table (celltwin.genes.load_gene_table formats); "" = one-hot
     pert_hgnc: str = ""  # HGNC table (hgnc_genes.tsv) to match perturbation names through aliases
@@ -255,8 +266,8 @@ def _make_step(context_dropout: float, members: torch.Tensor, emb_dim: int | Non
         if emb_dim is None:
             out = model(batch["ctrl"], pid, ctx)
             return unwrap(model).loss(out, batch["pert"])
-        ctrl, tgt = batch["ctrl"][..., :emb_dim], batch["pert"]  # (B, S, E), (B, S, E + G)
-        out = model(ctrl, pid, ctx)
+        ctrl, tgt = batch["ctrl"], batch["pert"]  # (B, S, E + G) each
+        out = model(ctrl[..., :emb_dim], pid, ctx, ctrl_genes=ctrl[..., emb_dim:])
         return unwrap(model).loss(out, tgt[..., :emb_dim], tgt[..., emb_dim:])
 
     return step
@@ -304,9 +315,34 @@ class SEBridge:
     def dim(self) -> int:
         return int(self.model.config.d_out)
 
+    def __post_init__(self) -> None:
+        # row hash -> embedding: prediction draws the same control cells again for every
+        # perturbation (and repeat_mean repeats one row), so each distinct cell is embedded once
+        self._cache: dict[bytes, np.ndarray] = {}
+
     @torch.no_grad()
-    def embed(self, x: np.ndarray) -> np.ndarray:
-        """(n, G_run) float32 run space -> (n, E) float32 SE embeddings (batched, eval mode)."""
+    def embed(self, x: np.ndarray, cache: bool = False) -> np.ndarray:
+        """(n, G_run) float32 run space -> (n, E) float32 SE embeddings (batched, eval mode).
+
+        ``cache``: reuse the embedding of rows seen before (keyed by a 128-bit BLAKE2 hash of the
+        row's bytes; the SE embedding is deterministic at inference); at most ~1,000,000 kept.
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not cache:
+            return self._embed_rows(x)
+        import hashlib
+
+        if len(self._cache) > 1_000_000:
+            self._cache.clear()
+        keys = [hashlib.blake2b(x[i].tobytes(), digest_size=16).digest() for i in range(x.shape[0])]
+        first: dict[bytes, int] = {}
+        todo = [i for i, k in enumerate(keys) if k not in self._cache and first.setdefault(k, i) == i]
+        if todo:
+            for i, e in zip(todo, self._embed_rows(x[todo]), strict=True):
+                self._cache[keys[i]] = e
+        return np.stack([self._cache[k] for k in keys]) if keys else np.empty((0, self.dim), np.float32)
+
+    def _embed_rows(self, x: np.ndarray) -> np.ndarray:
         from celltwin.models.se_runner import embed_rows
 
         m = self.model
@@ -316,7 +352,7 @@ class SEBridge:
         present = self.cols >= 0
         out = np.empty((x.shape[0], self.dim), dtype=np.float32)
         for start in range(0, x.shape[0], self.batch_size):
-            blk = np.asarray(x[start:start + self.batch_size], dtype=np.float32)
+            blk = x[start:start + self.batch_size]
             v = np.zeros((blk.shape[0], self.cols.size), dtype=np.float32)  # (b, G_se)
             v[:, present] = blk[:, self.cols[present]]
             if self.scale is not None:
@@ -498,6 +534,17 @@ def train_state(request: Any) -> dict:
     }
 
 
+def train_state_se(request: Any) -> dict:
+    """Registry ``train_fn`` of ``state-se``: :func:`train_state` with ``input_space=embedding``."""
+    from dataclasses import replace
+
+    options = dict(request.options)
+    if options.setdefault("input_space", "embedding") != "embedding":
+        raise ConfigError(f"model state-se: input_space is 'embedding', got {options['input_space']!r} "
+                          "(use --model state for expression input)")
+    return train_state(replace(request, options=options))
+
+
 def _check_resume(ckpt: Path, fingerprint: dict, opts: StateOptions) -> None:
     if not (opts.resume and ckpt.exists()):
         return
@@ -633,13 +680,14 @@ class _Predictor:
         S = m.config.set_size
         order = rng.permutation(n)
         out = np.empty_like(controls)  # (n, G)
-        inputs = self.bridge.embed(controls) if self.bridge is not None else controls  # (n, E) or (n, G)
+        inputs = self.bridge.embed(controls, cache=True) if self.bridge is not None else controls  # (n, E) | (n, G)
         key = "genes" if self.bridge is not None else "pred"
         pid = torch.tensor([ids], device=device)  # (1, K)
         cid = torch.tensor([self.ctx_ids.get(context, 0) if context is not None else 0], device=device)
         for chunk in np.array_split(order, math.ceil(n / S)):
             x = torch.from_numpy(inputs[chunk]).to(device)[None]  # (1, s, D)
-            y = m(x, pid, cid if m.context_emb is not None else None)[key][0]  # (s, G)
+            genes = torch.from_numpy(controls[chunk]).to(device)[None] if self.bridge is not None else None
+            y = m(x, pid, cid if m.context_emb is not None else None, ctrl_genes=genes)[key][0]  # (s, G)
             out[chunk] = y.float().cpu().numpy()
         out[out < self.zero_below] = 0.0
         if was_training:

@@ -10,6 +10,8 @@ Architecture (one file, nanoGPT-like; shapes in comments)::
     --> output head Linear --> delta (B, S, D)
     expression input:  out = softplus(softplus^-1(max(ctrl, 1e-3)) + delta)   (residual on the basal input)
     embedding input:   out = ctrl + delta;  genes = gene decoder MLP(out) -> softplus -> (B, S, G)
+                       with ctrl_genes (B, S, G) and decoder_residual (default):
+                       genes = softplus(softplus^-1(max(ctrl_genes, 1e-3)) + dec(out) - dec(ctrl))
 
 No positional encoding: the set is unordered and the model is permutation equivariant over
 the S axis (permuting the input cells permutes the output cells the same way; tested).
@@ -73,6 +75,9 @@ class STConfig:
     decoder_layers: int = 2  # Linear layers in the gene decoder (embedding input)
     dropout: float = 0.0
     predict_residual: bool = True
+    # embedding input: decode genes as the basal cell's genes + (dec(predicted) - dec(basal embedding))
+    # (in softplus space, as the expression residual) when the basal genes are given; else dec(predicted)
+    decoder_residual: bool = True
     # --- loss
     loss_weights: dict[str, float] = field(default_factory=lambda: {"energy": 1.0})
     blur: float = 0.05  # Sinkhorn blur (unused by the energy kernel)
@@ -214,6 +219,7 @@ class StateTransition(nn.Module):
         pert_idx: torch.Tensor,  # (B,) perturbation index, or (B, K) members of combinations (-1 = pad)
         context_idx: torch.Tensor | None = None,  # (B,) 0 = unknown
         batch_idx: torch.Tensor | None = None,  # (B,) or (B, S), 0 = unknown
+        ctrl_genes: torch.Tensor | None = None,  # (B, S, G) basal cells in gene space (embedding input)
     ) -> dict[str, torch.Tensor]:
         """``{"pred": (B, S, D)}`` plus ``"genes": (B, S, G)`` when a gene decoder exists."""
         if ctrl.ndim != 3 or ctrl.shape[-1] != self.config.input_dim:
@@ -233,7 +239,12 @@ class StateTransition(nn.Module):
         else:
             out = {"pred": (ctrl + delta) if self.config.predict_residual else delta}
             if self.gene_decoder is not None:
-                out["genes"] = F.softplus(self.gene_decoder(out["pred"]).float())  # (B, S, G)
+                dec = self.gene_decoder(out["pred"]).float()  # (B, S, G)
+                if self.config.decoder_residual and ctrl_genes is not None:
+                    # the decoder carries the perturbation's shift; the basal cell keeps its own genes
+                    base_g = inverse_softplus(ctrl_genes.float().clamp_min(_BASAL_FLOOR))
+                    dec = base_g + dec - self.gene_decoder(ctrl).float()
+                out["genes"] = F.softplus(dec)  # (B, S, G) > 0
         return out
 
     def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor,
