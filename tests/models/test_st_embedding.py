@@ -71,6 +71,9 @@ def test_options_validate_embedding(tmp_path):
     o = StateOptions.from_strings({"input_space": "embedding"})
     cfg = o.model_config(32, 5, 2, n_genes=100)
     assert (cfg.input_space, cfg.n_genes, cfg.input_dim) == ("embedding", 100, 32)
+    assert cfg.decoder_residual and cfg.gene_loss_weight == 50.0
+    off = StateOptions.from_strings({"input_space": "embedding", "decoder_residual": "false"})
+    assert off.model_config(32, 5, 2, n_genes=100).decoder_residual is False
     with pytest.raises(ConfigError, match="input_space"):
         StateOptions.from_strings({"input_space": "pca"})
     with pytest.raises(ConfigError, match="not an SE model directory"):

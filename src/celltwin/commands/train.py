@@ -26,7 +26,8 @@ ckpt_every, resume, log_every, val_pairs, val_every, threads, progress, tensorbo
 ST on State Embedding cells (--input-space embedding, or --model state-se): ST works on SE cell embeddings and a learned
 decoder maps its output back to the run's genes. --se-model DIR uses a model from `celltwin embed
 fit` (copied into the run); without it an SE model is fitted on the training cells first
-(options se_preset, se_steps, se_batch, se_lr; gene_loss_weight weighs the decoded-genes loss).
+(options se_preset, se_steps, se_batch, se_lr; gene_loss_weight weighs the decoded-genes loss,
+default 50; decoder_residual=false decodes genes from the predicted embedding alone).
 
 Unseen perturbations (--set pert_embeddings=genes.safetensors): perturbations are encoded by their
 gene's vector from a table (`celltwin genes embed`, or .pt/.npy/.csv tables; pert_hgnc=hgnc_genes.tsv
@@ -35,8 +36,7 @@ matches aliases), so a gene never perturbed in training is predicted from its ve
 Examples:
   celltwin train --model linear --data screen.h5ad --split split.toml -o runs/linear
   celltwin train --model state --data screen.h5ad --split split.toml -o runs/st --set preset=small
-  celltwin train --model state --input-space embedding --se-model se_model --data screen.h5ad \
-      --split split.toml -o runs/st-se
+  celltwin train --model state-se --se-model se_model --data screen.h5ad --split split.toml -o runs/st-se
 """
 
 

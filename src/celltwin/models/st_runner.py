@@ -153,6 +153,7 @@ class StateOptions:
     # embedding-space energy is ~100x smaller than the gene-space one; measured on the demo
     # (`celltwin demo`, SE tiny, 200 steps): weight 1 -> score 0.027, 10 -> 0.243, 50 -> 0.277, 200 -> 0.280
     gene_loss_weight: float = 50.0
+    decoder_residual: bool = True  # embedding input: genes = basal genes + dec(pred) - dec(basal) (else dec(pred))
     # --- perturbations as gene-embedding vectors (unseen perturbations reachable)
     pert_embeddings: str = ""  # gene table (celltwin.genes.load_gene_table formats); "" = one-hot
     pert_hgnc: str = ""  # HGNC table (hgnc_genes.tsv) to match perturbation names through aliases
@@ -226,7 +227,8 @@ class StateOptions:
         over: dict[str, Any] = {"input_dim": input_dim, "n_perts": n_perts, "n_contexts": n_contexts,
                                 "pert_emb_dim": pert_emb_dim,
                                 "dropout": self.dropout, "loss_weights": parse_loss(self.loss),
-                                "input_space": self.input_space, "gene_loss_weight": self.gene_loss_weight}
+                                "input_space": self.input_space, "gene_loss_weight": self.gene_loss_weight,
+                                "decoder_residual": self.decoder_residual}
         if self.input_space == "embedding":
             over["n_genes"] = n_genes
         for name in ("set_size", "hidden", "n_layers", "n_heads", "mlp_hidden"):
