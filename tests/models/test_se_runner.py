@@ -146,51 +146,16 @@ def test_cli_embed_fit_and_transform(tmp_path, capsys):
     data = tmp_path / "d.h5ad"
     _counts_file(data, seed=2)
     model = tmp_path / "m"
-    rc = main(
-        [
-            "embed",
-            "fit",
-            "--data",
-            str(data),
-            "-o",
-            str(model),
-            "--preset",
-            "tiny",
-            "--steps",
-            "4",
-            "--batch-size",
-            "8",
-            "--no-progress",
-            "--loss",
-            "mse+energy",
-        ]
-    )
+    fit = ["embed", "fit", "--data", str(data), "-o", str(model), "--preset", "tiny", "--steps", "4",
+           "--batch-size", "8", "--no-progress"]
+    rc = main([*fit, "--loss", "mse+energy"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "learned 64-d vector" in out and "trained SE (tiny) for 4 steps" in out
     cfg = json.loads((model / "config.json").read_text())
     assert cfg["config"]["loss"] == "mse+energy" and cfg["n_missing_genes"] == N_GENES
     # running again resumes from the final checkpoint: no further steps
-    assert (
-        main(
-            [
-                "embed",
-                "fit",
-                "--data",
-                str(data),
-                "-o",
-                str(model),
-                "--preset",
-                "tiny",
-                "--steps",
-                "4",
-                "--batch-size",
-                "8",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(fit) == 0
     assert "for 4 steps" in capsys.readouterr().out
     rc = main(["embed", "transform", str(model), str(data), "-o", str(tmp_path / "o.h5ad"), "--no-progress"])
     assert rc == 0
