@@ -91,9 +91,9 @@ def _arc_cmd(cli: str, split: Path, out: Path, steps: int, args) -> list[str]:
     ]
 
 
-def _celltwin_cmd(data: Path, split: Path, out: Path, steps: int, args) -> list[str]:
+def _celltwin_cmd(data: Path, split: Path, out: Path, steps: int, args, precision: str = "fp32") -> list[str]:
     sets = {"preset": "state", "set_size": args.set_size, "batch_sets": args.sets, "steps": steps,
-            "lr": "1e-4", "warmup": 0, "precision": "fp32", "device": "cpu", "progress": "false",
+            "lr": "1e-4", "warmup": 0, "precision": precision, "device": "cpu", "progress": "false",
             "tensorboard": "false", "resume": "false", "log_every": 1000}
     cmd = [sys.executable, "-m", "celltwin", "train", "--model", "state", "--data", str(data), "--split", str(split),
            "-o", str(out), "--context-col", "context"]
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lo", type=int, default=3)
     ap.add_argument("--hi", type=int, default=13)
     ap.add_argument("--threads", type=int, default=2, help="OMP/torch threads for both tools")
+    ap.add_argument(
+        "--celltwin-bf16", action="store_true",
+        help="also time celltwin with bf16 autocast on CPU (a different precision from arc-state's fp32: "
+             "reported on its own line, not as the like-for-like ratio)",
+    )
     args = ap.parse_args(argv)
     if not Path(args.state_cli).exists():
         print(f"skipped: {args.state_cli} not found (see the module docstring to install arc-state)", file=sys.stderr)
@@ -127,14 +132,18 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         data, (target, *test) = _data(work, args.set_size)
         split = _split(work, target, test)
-        res: dict[str, dict[int, float]] = {"arc-state": {}, "celltwin": {}}
+        tools = ["arc-state", "celltwin"] + (["celltwin-bf16"] if args.celltwin_bf16 else [])
+        res: dict[str, dict[int, float]] = {tool: {} for tool in tools}
         for steps in (args.lo, args.hi):
-            for tool in ("arc-state", "celltwin"):
+            for tool in tools:
                 out = work / f"{tool}-{steps}"
-                cmd = (_arc_cmd(args.state_cli, split, out, steps, args) if tool == "arc-state"
-                       else _celltwin_cmd(data, split, out, steps, args))
+                if tool == "arc-state":
+                    cmd = _arc_cmd(args.state_cli, split, out, steps, args)
+                else:
+                    precision = "bf16" if tool == "celltwin-bf16" else "fp32"
+                    cmd = _celltwin_cmd(data, split, out, steps, args, precision)
                 res[tool][steps] = _timed(cmd, work, work / f"{tool}-{steps}.log")
-                print(f"{tool:9s} {steps:3d} steps: {res[tool][steps]:.1f} s wall", flush=True)
+                print(f"{tool:13s} {steps:3d} steps: {res[tool][steps]:.1f} s wall", flush=True)
         arc_log = (work / f"arc-state-{args.hi}.log").read_text()
         m = re.search(r"Total params:\s*([\d.]+ \w)", arc_log)
         ct = json.loads((work / f"celltwin-{args.hi}" / "run.json").read_text())["state"]["n_params"]
@@ -146,8 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nset size {args.set_size}, {args.sets} sets/step, 1,500 genes, {args.threads} threads, CPU")
         print(f"arc-state params: {m.group(1) if m else '?'}; celltwin params: {ct / 1e6:.1f} M")
         for tool, (s, c) in rows.items():
-            print(f"{tool:9s} {s:.3f} s/step  {c:,.0f} cells/s")
-        print(f"celltwin / arc-state throughput: {rows['celltwin'][1] / rows['arc-state'][1]:.2f}x")
+            print(f"{tool:13s} {s:.3f} s/step  {c:,.0f} cells/s")
+        print(f"celltwin / arc-state throughput (both fp32): {rows['celltwin'][1] / rows['arc-state'][1]:.2f}x")
+        if "celltwin-bf16" in rows:
+            print(f"celltwin bf16 autocast / arc-state fp32: {rows['celltwin-bf16'][1] / rows['arc-state'][1]:.2f}x "
+                  "(different precision; not the like-for-like ratio)")
     return 0
 
 

@@ -131,6 +131,7 @@ def _child(tool: str, real: str, pred: str, outdir: str, result: str) -> None:
         # import the modules evaluate() loads lazily, so that (as for cell-eval, whose import above
         # loads everything) module import time is not timed
         import anndata  # noqa: F401
+        import polars  # noqa: F401  (writes the DE tables; cell-eval imports it at import time)
         import scipy.spatial.distance  # noqa: F401
 
         import celltwin.eval._de  # noqa: F401

@@ -219,3 +219,10 @@ def test_real_de_cache(good, tmp_path, capsys):
     entries = [p for p in cache.rglob("*") if p.is_file()]
     assert len(entries) == 1  # only the real side is cached, once
     assert (tmp_path / "o0" / "results.csv").read_text() == (tmp_path / "o1" / "results.csv").read_text()
+    # the second run's real DE table came from the cache: same rows, names, dtypes and bits
+    import pandas as pd
+
+    computed = pd.read_parquet(tmp_path / "o0" / "real_de.parquet")
+    cached = pd.read_parquet(tmp_path / "o1" / "real_de.parquet")
+    pd.testing.assert_frame_equal(cached, computed, check_exact=True)
+    assert len(computed) > 0 and computed["feature"].astype(str).str.len().min() > 0

@@ -127,3 +127,23 @@ def test_normalize_matches_scanpy():
 def test_is_counts_detection():
     assert is_counts(np.array([[1.0, 2.0], [0.0, 3.0005]]))  # fractional part <= 1e-3 counts as integer
     assert not is_counts(np.array([[1.0, 2.5]]))
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_is_counts_threshold_in_the_arrays_dtype(fmt, dtype):
+    """The fraction test is ``np.modf(v)[0] > 1e-3`` with 1e-3 taken in the array's dtype."""
+    eps = dtype(1e-3)
+    on = np.array([[0.0, 7.0, 2.0 + 0.0], [1.0, eps, 5.0]], dtype=dtype)  # frac == eps exactly: integer
+    assert np.modf(on)[0].max() == eps
+    M = sp.csr_matrix(on) if fmt == "csr" else on
+    assert is_counts(M) == (not bool(np.any(np.modf(on)[0] > 1e-3)))
+    assert is_counts(M)
+    above = on.copy()
+    above[1, 1] = np.nextafter(eps, dtype(1))  # one ulp above: fractional
+    M = sp.csr_matrix(above) if fmt == "csr" else above
+    assert not is_counts(M)
+    big = above.copy()
+    big[0, 1] = 20.0  # fractional values with a max >= 15: a mix of counts and log values
+    with pytest.raises(Exception, match="mixes counts and log values"):
+        is_counts(sp.csr_matrix(big) if fmt == "csr" else big)

@@ -13,6 +13,7 @@ ad = pytest.importorskip("anndata")
 cell_eval = pytest.importorskip("cell_eval")
 
 from celltwin.eval import EvalConfig, evaluate  # noqa: E402
+from celltwin.errors import ConfigError  # noqa: E402
 
 CTRL = "non-targeting"
 COL = "target_gene"
@@ -209,18 +210,75 @@ def test_write_outputs(tmp_path):
     assert {
         "results.csv",
         "agg_results.csv",
-        "real_de.csv",
-        "pred_de.csv",
+        "real_de.parquet",
+        "pred_de.parquet",
         "report.md",
         "scores.png",
         "effects.png",
         "de_counts.png",
     } <= paths
+    assert not (tmp_path / "out" / "real_de.csv").exists()
     back = pd.read_csv(tmp_path / "out" / "results.csv")
     np.testing.assert_array_equal(back["mae"].to_numpy(), res.results["mae"].to_numpy())
-    de = pd.read_csv(tmp_path / "out" / "real_de.csv")
-    assert len(de) == 7 * N_GENES
     assert not list((tmp_path / "out").glob(".*tmp*"))  # no temporary file left behind
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_de_tables_round_trip(tmp_path, fmt):
+    """Both files hold the in-memory tables exactly: same columns, names, dtypes (parquet) and
+    every float to the last bit (CSV floats are written in shortest round-trip form)."""
+    real = _screen(0, counts=True, sparse=True, dtype=np.float32, tie_genes=True)
+    pred = _screen(1, counts=False, sparse=False, dtype=np.float64)
+    res = evaluate(pred, real, config=EvalConfig())
+    paths = {p.name for p in res.write(tmp_path, report=False, de_format=fmt)}
+    assert paths == {"results.csv", "agg_results.csv", f"real_de.{fmt}", f"pred_de.{fmt}"}
+    for side, table in (("real", res.de_real), ("pred", res.de_pred)):
+        path = tmp_path / f"{side}_de.{fmt}"
+        back = pd.read_parquet(path) if fmt == "parquet" else pd.read_csv(path, float_precision="round_trip")
+        assert list(back.columns) == list(table.columns)
+        assert len(back) == 7 * N_GENES
+        for c in ("target", "feature"):
+            assert back[c].astype(str).tolist() == table[c].astype(str).tolist()
+        for c in table.columns[2:]:
+            want = table[c].to_numpy()
+            got = back[c].to_numpy()
+            if fmt == "parquet":
+                assert got.dtype == want.dtype, c
+            np.testing.assert_array_equal(got.astype(want.dtype), want, err_msg=c)
+    # the real means are float32 (float32 input), every other float column float64
+    assert res.de_real["target_mean"].dtype == np.float32
+    assert res.de_pred["target_mean"].dtype == np.float64
+
+
+def test_de_csv_is_cell_evals_file(tmp_path):
+    """--de-format csv writes byte for byte the real_de.csv / pred_de.csv that cell-eval writes."""
+    from cell_eval import MetricsEvaluator
+
+    real = _screen(0, counts=True, sparse=True, dtype=np.float32, tie_genes=True)
+    pred = _screen(1, counts=False, sparse=True, dtype=np.float32)
+    logging.disable(logging.CRITICAL)
+    try:
+        ev = MetricsEvaluator(
+            pred.copy(), real.copy(), control_pert=CTRL, pert_col=COL, num_threads=1, outdir=str(tmp_path / "ce")
+        )
+        ev.compute(profile="vcc", break_on_error=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    res = evaluate(pred, real, config=EvalConfig())
+    res.write(tmp_path / "ours", report=False, de_format="csv")
+    for name in ("real_de.csv", "pred_de.csv"):
+        assert (tmp_path / "ours" / name).read_bytes() == (tmp_path / "ce" / name).read_bytes(), name
+
+
+def test_de_format_none_and_bad_format(tmp_path):
+    real = _screen(0, counts=True, sparse=True, dtype=np.float32)
+    pred = _screen(1, counts=False, sparse=True, dtype=np.float32)
+    res = evaluate(pred, real, config=EvalConfig())
+    paths = {p.name for p in res.write(tmp_path / "a", report=False, de_format="none")}
+    assert paths == {"results.csv", "agg_results.csv"}
+    with pytest.raises(ConfigError, match="de_format must be one of parquet, csv, none, got 'xlsx'"):
+        res.write(tmp_path / "b", report=False, de_format="xlsx")
+    assert not (tmp_path / "b" / "results.csv").exists()  # refused before anything is written
 
 
 FULL_CASES = {

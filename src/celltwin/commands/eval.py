@@ -31,8 +31,10 @@ is left out with a warning. pearson_edistance is quadratic in the number of cont
 --mode legacy reproduces the 2025 leaderboard scorer (cell-eval 0.6.6 + pdex 0.1.27) instead.
 
 Outputs in -o DIR: results.csv (one row per perturbation), agg_results.csv (count, mean, std,
-quantiles per metric), real_de.csv and pred_de.csv (DE tables, pdex columns), report.md with
-plots (PNG).
+quantiles per metric), real_de.parquet and pred_de.parquet (DE tables, pdex columns, one row per
+perturbation and gene), report.md with plots (PNG). --de-format csv writes the DE tables as
+real_de.csv / pred_de.csv, the files cell-eval writes (about 5x slower to write and 3x larger at
+18,080 genes); --de-format none skips them. Read either with pandas or polars.
 
 --control-source real takes the control cells of the REAL file for the predicted side too (deltas
 and DE). Predicted control cells are part of a submission and can be tuned to game the deltas and
@@ -77,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--cache-dir", default="~/.cache/celltwin", help="cache of real-side DE tables (default: %(default)s)"
     )
     p.add_argument("--no-cache", action="store_true", help="do not read or write the DE cache")
+    p.add_argument(
+        "--de-format",
+        default="parquet",
+        choices=["parquet", "csv", "none"],
+        help="file format of the DE tables: parquet (default), csv (cell-eval's real_de.csv / pred_de.csv) or none",
+    )
     p.add_argument("--no-report", action="store_true", help="skip report.md and its plots")
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
 
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     result = evaluate(args.pred, args.real, config=cfg)
-    paths = result.write(args.outdir, report=not args.no_report)
+    paths = result.write(args.outdir, report=not args.no_report, de_format=args.de_format)
     means = result.agg.set_index("statistic").loc["mean"]
     for name, value in means.items():
         print(f"{name}\t{value:.6f}")

@@ -110,7 +110,9 @@ def de_table(
         One row per (target, gene): targets in the order above, genes in the input order.
 
         ``mode="v2"`` columns (:data:`DE_COLUMNS`), the same names, order and dtypes as
-        ``pdex(...).to_pandas()``: ``target``, ``feature`` (object str), ``target_mean``,
+        ``pdex(...).to_pandas()`` except that ``target`` and ``feature`` are pandas
+        Categoricals of the names (object str only when the gene names repeat; the values
+        are the same strings), ``target_mean``,
         ``ref_mean`` (the input dtype: float32 for float32 X), ``target_membership``,
         ``ref_membership`` (int64 cell counts), ``log2_fold_change``, ``percent_change``,
         ``p_value``, ``statistic``, ``fdr`` (float64). (cell-eval itself then keeps only
@@ -313,6 +315,18 @@ def _groups(labels: object, mode: str) -> tuple[list[str], np.ndarray]:
     return names, codes
 
 
+def _name_column(names: Sequence[object], idx: np.ndarray) -> pd.Categorical | np.ndarray:
+    """``names[idx]`` as a pandas Categorical (categories in ``names`` order), or as an object
+    array when ``names`` repeat. A table holds each perturbation and gene name a few hundred
+    thousand times; a Categorical stores them once plus integer codes, which is what makes
+    building, caching and writing a 904,000-row table cheap. Values compare, print and
+    export (CSV, parquet) exactly as the strings do."""
+    arr = np.asarray([str(v) for v in names], dtype=object)
+    if pd.Index(arr).is_unique:
+        return pd.Categorical.from_codes(idx.astype(np.int32, copy=False), categories=pd.Index(arr, dtype=object))
+    return arr[idx]
+
+
 def _row_layout(codes: np.ndarray, use: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rows of the groups in ``use`` ordered by position in ``use`` then by row.
 
@@ -404,8 +418,8 @@ def _de_v2(
     n = k * n_genes
     return pd.DataFrame(
         {
-            "target": np.repeat(np.asarray(target_names, dtype=object), n_genes),
-            "feature": np.tile(genes, k),
+            "target": _name_column(target_names, np.repeat(np.arange(k), n_genes)),
+            "feature": _name_column(genes, np.tile(np.arange(n_genes), k)),
             "target_mean": target_mean.reshape(n),
             "ref_mean": np.tile(ref_mean, k),
             "target_membership": np.repeat(sizes[:k], n_genes).astype(np.int64),
@@ -417,6 +431,7 @@ def _de_v2(
             "fdr": fdr.reshape(n),
         },
         columns=list(DE_COLUMNS),
+        copy=False,  # fresh arrays: no 2-D consolidation copy of ~7 x 904k floats
     )
 
 
@@ -520,9 +535,9 @@ def _de_legacy(
     n_rows = k * n_genes
     return pd.DataFrame(
         {
-            "target": np.repeat(np.asarray(target_names, dtype=object), n_genes),
-            "reference": np.full(n_rows, control, dtype=object),
-            "feature": np.tile(genes, k),
+            "target": _name_column(target_names, np.repeat(np.arange(k), n_genes)),
+            "reference": _name_column([control], np.zeros(n_rows, dtype=np.int64)),
+            "feature": _name_column(genes, np.tile(np.arange(n_genes), k)),
             "target_mean": tm.reshape(n_rows),
             "reference_mean": np.tile(rm, k),
             "percent_change": pc.reshape(n_rows),
@@ -532,4 +547,5 @@ def _de_legacy(
             "fdr": np.asarray(fdr).reshape(n_rows),
         },
         columns=list(LEGACY_DE_COLUMNS),
+        copy=False,
     )

@@ -24,7 +24,7 @@ from celltwin._io import atomic_path
 
 __all__ = ["DE_CACHE_VERSION", "content_key", "load", "save"]
 
-DE_CACHE_VERSION = "celltwin-de-1"  # bump whenever de_table's output changes for equal inputs
+DE_CACHE_VERSION = "celltwin-de-2"  # bump whenever de_table's output changes for equal inputs
 
 _CHUNK = 1 << 24  # bytes hashed per update (keeps the peak memory of hashing flat)
 
@@ -85,22 +85,35 @@ def load(cache_dir: str | os.PathLike[str], key: str) -> pd.DataFrame | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             columns = [str(c) for c in z["__columns__"]]
-            data = {c: z[c] for c in columns}
+            data: dict[str, object] = {}
+            for c in columns:
+                if f"{c}__categories" in z.files:
+                    cats = pd.Index(z[f"{c}__categories"].astype(object), dtype=object)
+                    data[c] = pd.Categorical.from_codes(z[c], categories=cats)
+                elif z[c].dtype.kind == "U":
+                    data[c] = z[c].astype(object)
+                else:
+                    data[c] = z[c]
     except (OSError, ValueError, KeyError):
         return None
-    frame = pd.DataFrame(data, columns=columns)
-    for c in columns:
-        if frame[c].dtype.kind == "U":
-            frame[c] = frame[c].astype(object)
-    return frame
+    return pd.DataFrame(data, columns=columns)
 
 
 def save(cache_dir: str | os.PathLike[str], key: str, frame: pd.DataFrame) -> Path:
-    """Write ``frame`` (string and numeric columns only) under ``key``; returns the path."""
+    """Write ``frame`` (categorical, string and numeric columns) under ``key``; returns the path.
+
+    A categorical column is stored as its integer codes plus ``<column>__categories``, so an
+    entry costs a few bytes per row and loads without re-creating a string per row.
+    """
     path = Path(cache_dir) / f"{key}.npz"
     arrays: dict[str, np.ndarray] = {"__columns__": np.asarray(list(frame.columns), dtype=str)}
     for c in frame.columns:
-        col = frame[c].to_numpy()
+        series = frame[c]
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            arrays[c] = np.asarray(series.cat.codes)
+            arrays[f"{c}__categories"] = np.asarray([str(v) for v in series.cat.categories], dtype=str)
+            continue
+        col = series.to_numpy()
         arrays[c] = col.astype(str) if col.dtype == object else col
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:

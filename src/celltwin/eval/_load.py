@@ -50,7 +50,6 @@ __all__ = [
 
 FRACTION_EPS = 1e-3  # a value whose fractional part exceeds this marks a log-normalised file
 LOG_MAX = 15.0  # log-normalised values must be < LOG_MAX (cell-eval's validation threshold)
-_CHUNK = 1 << 24  # values scanned per block by the checks (bounded temporaries)
 
 
 @dataclass
@@ -103,19 +102,16 @@ def _check_values(X: Any, name: str) -> None:
     if vals.size == 0:
         return
     flat = vals.reshape(-1)
-    vmin = None
-    for start in range(0, flat.size, _CHUNK):  # chunked: no nnz-sized temporaries
-        block = flat[start : start + _CHUNK]
-        if block.dtype.kind == "f":
-            finite = np.isfinite(block)
-            if not finite.all():
-                n_bad = int(
-                    sum(int((~np.isfinite(flat[i : i + _CHUNK])).sum()) for i in range(0, flat.size, _CHUNK))
-                )
-                msg = f"{name}: X contains {n_bad} non-finite value(s) (expected finite values; found {block[~finite][0]})"
-                raise InputError(msg)
-        bmin = block.min()
-        vmin = bmin if vmin is None else min(vmin, bmin)
+    if flat.dtype.kind == "f":
+        from celltwin.eval._rowops import scan_finite
+
+        n_bad, first, vmin = scan_finite(flat)  # one pass, no nnz-sized temporaries
+        if n_bad:
+            msg = f"{name}: X contains {n_bad} non-finite value(s) (expected finite values; found {flat[first]})"
+            raise InputError(msg)
+        vmin = flat.dtype.type(vmin)
+    else:
+        vmin = flat.min()
     if vmin < 0:
         msg = f"{name}: X contains negative values (expected counts or log1p values >= 0; min is {vmin})"
         raise InputError(msg)
@@ -130,14 +126,10 @@ def is_counts(X: Any, name: str = "X") -> bool:
     vals = _stored_values(X)
     if vals.dtype.kind in "iu" or vals.size == 0:
         return True
-    flat = vals.reshape(-1)
-    has_fraction = False
-    for start in range(0, flat.size, _CHUNK):
-        frac, _ = np.modf(flat[start : start + _CHUNK])
-        if bool(np.any(frac > FRACTION_EPS)):
-            has_fraction = True
-            break
-    if not has_fraction:
+    from celltwin.eval._rowops import has_fraction
+
+    # np.modf(v)[0] > 1e-3 evaluated in the array's dtype, stopping at the first fractional value
+    if not has_fraction(vals.reshape(-1), vals.dtype.type(FRACTION_EPS)):
         return True
     vmax = float(vals.max())
     if vmax >= LOG_MAX:

@@ -57,6 +57,7 @@ __all__ = [
     "describe",
     "DESCRIBE_ROWS",
     "category_codes",
+    "take_strings",
 ]
 
 FDR_THRESHOLD = 0.05
@@ -144,7 +145,7 @@ def rank_significant(
     rows_sig = np.flatnonzero(sig)
     c_sig = codes[rows_sig]
     a_sig = np.abs(np.asarray(lfc, dtype=np.float64)[rows_sig].astype(np.float32))
-    f_sig = np.asarray(features)[rows_sig].astype(str)
+    f_sig = take_strings(features, rows_sig)
     order_t = np.argsort(c_sig, kind="stable")  # group by perturbation, row order kept
     bounds = np.searchsorted(c_sig[order_t], np.arange(len(perts) + 1))
     out: dict[str, np.ndarray] = {}
@@ -162,10 +163,31 @@ def category_codes(values, categories: Sequence[str]) -> np.ndarray:
     """Index of each value in ``categories`` (``-1`` when absent), compared as strings (vectorised)."""
     import pandas as pd
 
+    cat = _as_categorical(values)
+    if cat is not None:  # map the categories once, then index by code (no per-row string work)
+        where = pd.Index([str(c) for c in categories]).get_indexer([str(c) for c in cat.categories])
+        return np.append(where, -1).astype(np.int64)[cat.codes]  # code -1 (missing) -> -1
     vals = np.asarray(values)
     if vals.dtype.kind not in "OU":
         vals = vals.astype(str)
     return pd.Categorical(vals, categories=[str(c) for c in categories]).codes.astype(np.int64)
+
+
+def _as_categorical(values):
+    """The pandas Categorical behind ``values`` (a Categorical or a categorical Series), else None."""
+    import pandas as pd
+
+    arr = values.array if isinstance(values, pd.Series) else values
+    return arr if isinstance(arr, pd.Categorical) else None
+
+
+def take_strings(values, rows: np.ndarray) -> np.ndarray:
+    """``values[rows]`` as a numpy str array; categoricals are gathered through their codes."""
+    cat = _as_categorical(values)
+    if cat is not None:
+        names = np.asarray([str(c) for c in cat.categories], dtype=str)
+        return names[np.asarray(cat.codes)[rows]]
+    return np.asarray(values)[rows].astype(str)
 
 
 def overlap_at_n(

@@ -105,8 +105,8 @@ def write_report(result: Any, outdir: Path) -> list[Path]:
 
 
 def _n_sig(table: Any, perts: np.ndarray) -> np.ndarray:
-    t = np.asarray(table["target"]).astype(str)
-    sig = np.asarray(table["fdr"], dtype=np.float64).astype(np.float32) < 0.05
-    names, counts = np.unique(t[sig], return_counts=True)
-    lookup = dict(zip(names.tolist(), counts.tolist(), strict=True))
-    return np.array([lookup.get(p, 0) for p in perts], dtype=np.int64)
+    from celltwin.eval._metrics import category_codes
+
+    codes = category_codes(table["target"], perts)
+    sig = (np.asarray(table["fdr"], dtype=np.float64).astype(np.float32) < 0.05) & (codes >= 0)
+    return np.bincount(codes[sig], minlength=len(perts)).astype(np.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["divide_rows", "group_sums_csr"]
+__all__ = ["divide_rows", "group_sums_csr", "scan_finite", "has_fraction"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -31,3 +31,38 @@ def group_sums_csr(indptr, indices, data, codes, n_groups, n_genes):  # pragma: 
         for j in range(indptr[i], indptr[i + 1]):
             out[g, indices[j]] += data[j]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def scan_finite(vals):  # pragma: no cover - compiled
+    """One pass over a 1-D float array: ``(n_nonfinite, first_nonfinite_index, min_of_finite)``.
+
+    ``first_nonfinite_index`` is ``-1`` when every value is finite; the minimum is taken over the
+    finite values in the array's dtype (``+inf`` when there is none). No temporaries.
+    """
+    n_bad = 0
+    first = -1
+    vmin = np.inf
+    for i in range(vals.size):
+        v = vals[i]
+        if not np.isfinite(v):
+            n_bad += 1
+            if first < 0:
+                first = i
+        elif v < vmin:
+            vmin = v
+    return n_bad, first, vmin
+
+
+@numba.njit(cache=True, nogil=True)
+def has_fraction(vals, eps):  # pragma: no cover - compiled
+    """Whether some value's fractional part ``v - trunc(v)`` exceeds ``eps`` (stops at the first).
+
+    ``eps`` must carry the array's dtype so the comparison happens in that dtype, as numpy's
+    ``np.modf(vals)[0] > eps`` does for a Python-float ``eps`` (NEP 50 weak scalar).
+    """
+    for i in range(vals.size):
+        v = vals[i]
+        if v - np.trunc(v) > eps:
+            return True
+    return False
