@@ -18,7 +18,11 @@ impractically slow there) and ``--sets`` sets per step, fp32, CPU, no data-loade
 validation, no logging service. Each tool is run twice as a subprocess, for ``--lo`` and ``--hi``
 optimiser steps; the per-step time is the difference of the two wall times divided by the
 difference of the step counts, so start-up, data loading and final checkpoint writing cancel.
-Cells/s = sets x set size / per-step time.
+Cells/s = sets x set size / per-step time. ``--repeats N`` repeats the whole measurement with
+the tools interleaved and reports the median per-step time and the median of the per-repeat
+ratios: on a shared machine a single arc-state measurement varied from 0.53 to 0.73 s/step.
+``--celltwin-bf16`` adds celltwin with bf16 autocast (on CPUs with native bf16 instructions),
+reported separately because arc-state's CLI offers no precision setting.
 
 Differences that remain (the two are not the same network): arc-state's model has its own
 decoder and projection heads (it reports its parameter count in its log); celltwin's ``state``
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lo", type=int, default=3)
     ap.add_argument("--hi", type=int, default=13)
     ap.add_argument("--threads", type=int, default=2, help="OMP/torch threads for both tools")
+    ap.add_argument("--repeats", type=int, default=1, help="repeat the whole measurement (median reported)")
     ap.add_argument(
         "--celltwin-bf16", action="store_true",
         help="also time celltwin with bf16 autocast on CPU (a different precision from arc-state's fp32: "
@@ -133,33 +139,43 @@ def main(argv: list[str] | None = None) -> int:
         data, (target, *test) = _data(work, args.set_size)
         split = _split(work, target, test)
         tools = ["arc-state", "celltwin"] + (["celltwin-bf16"] if args.celltwin_bf16 else [])
-        res: dict[str, dict[int, float]] = {tool: {} for tool in tools}
-        for steps in (args.lo, args.hi):
+        # per repeat: every tool at lo then at hi steps, interleaved, so slow phases of a shared
+        # machine hit all tools alike; the ratio is computed per repeat and summarised by its median
+        per_step: dict[str, list[float]] = {tool: [] for tool in tools}
+        for rep in range(args.repeats):
+            res: dict[str, dict[int, float]] = {tool: {} for tool in tools}
+            for steps in (args.lo, args.hi):
+                for tool in tools:
+                    out = work / f"r{rep}-{tool}-{steps}"
+                    if tool == "arc-state":
+                        cmd = _arc_cmd(args.state_cli, split, out, steps, args)
+                    else:
+                        precision = "bf16" if tool == "celltwin-bf16" else "fp32"
+                        cmd = _celltwin_cmd(data, split, out, steps, args, precision)
+                    res[tool][steps] = _timed(cmd, work, work / f"r{rep}-{tool}-{steps}.log")
+                    print(f"[{rep + 1}/{args.repeats}] {tool:13s} {steps:3d} steps: {res[tool][steps]:.1f} s wall",
+                          flush=True)
             for tool in tools:
-                out = work / f"{tool}-{steps}"
-                if tool == "arc-state":
-                    cmd = _arc_cmd(args.state_cli, split, out, steps, args)
-                else:
-                    precision = "bf16" if tool == "celltwin-bf16" else "fp32"
-                    cmd = _celltwin_cmd(data, split, out, steps, args, precision)
-                res[tool][steps] = _timed(cmd, work, work / f"{tool}-{steps}.log")
-                print(f"{tool:13s} {steps:3d} steps: {res[tool][steps]:.1f} s wall", flush=True)
-        arc_log = (work / f"arc-state-{args.hi}.log").read_text()
+                per_step[tool].append((res[tool][args.hi] - res[tool][args.lo]) / (args.hi - args.lo))
+        arc_log = (work / f"r0-arc-state-{args.hi}.log").read_text()
         m = re.search(r"Total params:\s*([\d.]+ \w)", arc_log)
-        ct = json.loads((work / f"celltwin-{args.hi}" / "run.json").read_text())["state"]["n_params"]
+        ct = json.loads((work / f"r0-celltwin-{args.hi}" / "run.json").read_text())["state"]["n_params"]
         cells = args.sets * args.set_size
-        rows = {}
-        for tool, t in res.items():
-            per_step = (t[args.hi] - t[args.lo]) / (args.hi - args.lo)
-            rows[tool] = (per_step, cells / per_step)
-        print(f"\nset size {args.set_size}, {args.sets} sets/step, 1,500 genes, {args.threads} threads, CPU")
+        print(f"\nset size {args.set_size}, {args.sets} sets/step, 1,500 genes, {args.threads} threads, CPU, "
+              f"{args.repeats} repeat(s), steps {args.lo} / {args.hi}")
         print(f"arc-state params: {m.group(1) if m else '?'}; celltwin params: {ct / 1e6:.1f} M")
-        for tool, (s, c) in rows.items():
-            print(f"{tool:13s} {s:.3f} s/step  {c:,.0f} cells/s")
-        print(f"celltwin / arc-state throughput (both fp32): {rows['celltwin'][1] / rows['arc-state'][1]:.2f}x")
-        if "celltwin-bf16" in rows:
-            print(f"celltwin bf16 autocast / arc-state fp32: {rows['celltwin-bf16'][1] / rows['arc-state'][1]:.2f}x "
-                  "(different precision; not the like-for-like ratio)")
+        for tool in tools:
+            s = statistics.median(per_step[tool])
+            runs = ", ".join(f"{x:.3f}" for x in per_step[tool])
+            print(f"{tool:13s} median {s:.3f} s/step ({cells / s:,.0f} cells/s); per repeat: {runs}")
+        for tool, label in (("celltwin", "both fp32"),
+                            ("celltwin-bf16", "celltwin bf16 autocast vs arc-state fp32: different precision, "
+                                              "not the like-for-like ratio")):
+            if tool not in per_step:
+                continue
+            ratios = [a / c for a, c in zip(per_step["arc-state"], per_step[tool], strict=True)]
+            print(f"{tool} / arc-state throughput ({label}): median {statistics.median(ratios):.2f}x; "
+                  f"per repeat: {', '.join(f'{r:.2f}x' for r in ratios)}")
     return 0
 
 

@@ -9,7 +9,8 @@ includes the Python interpreter and earlier presets, so it only grows down the t
 On CPU the ``state`` preset runs with a reduced set size (``--state-set-size``, default 64 instead
 of 512) and 2 sets per step; the architecture is otherwise the published one.
 
-    python bench/train_speed.py                    # CPU, 2,000 genes
+    python bench/train_speed.py                    # CPU, 2,000 genes, precision auto (bf16 on CPUs with native bf16)
+    python bench/train_speed.py --precision fp32   # plain fp32
     python bench/train_speed.py --device cuda      # unverified: no GPU was available when written
 """
 
@@ -62,7 +63,7 @@ def run_preset(name: str, genes: int, set_size: int, batch_sets: int, steps: int
     return {"preset": name, "params_M": model.n_params() / 1e6, "genes": genes, "set_size": set_size,
             "sets_per_step": batch_sets, "steps": steps,
             "s_per_step": batch_sets * set_size / res.items_per_s,  # steady state: first step excluded
-            "cells_per_s": res.items_per_s, "peak_MiB": peak, "peak_kind": kind}
+            "cells_per_s": res.items_per_s, "peak_MiB": peak, "peak_kind": kind, "precision": res.precision}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu = not args.device.startswith("cuda")
     plan = [("tiny", 16, 8), ("small", 64, 8), ("state", args.state_set_size if cpu else 512, 2 if cpu else 8)]
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, genes {args.genes}")
-    print(f"{'preset':7} {'params(M)':>9} {'set':>5} {'sets/step':>9} {'s/step':>8} {'cells/s':>9} {'peak MiB':>9}")
+    print(f"{'preset':7} {'params(M)':>9} {'set':>5} {'sets/step':>9} {'precision':>9} {'s/step':>8} {'cells/s':>9} "
+          f"{'peak MiB':>9}")
     for name, s, b in plan:
         r = run_preset(name, args.genes, s, b, args.steps, args.device, args.precision)
-        print(f"{r['preset']:7} {r['params_M']:9.2f} {r['set_size']:5d} {r['sets_per_step']:9d} "
+        print(f"{r['preset']:7} {r['params_M']:9.2f} {r['set_size']:5d} {r['sets_per_step']:9d} {r['precision']:>9} "
               f"{r['s_per_step']:8.3f} {r['cells_per_s']:9.0f} {r['peak_MiB']:9.0f} ({r['peak_kind']})")
         sys.stdout.flush()
     return 0

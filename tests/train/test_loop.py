@@ -35,6 +35,34 @@ def test_lr_schedule_values():
     assert vals[10] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native):
+    """auto = bf16 autocast on CPUs with native bf16 (AVX512-BF16 / AMX), plain fp32 elsewhere;
+    explicit settings always win."""
+    from celltwin.train import loop
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cpu = torch.device("cpu")
+    assert loop.cpu_has_native_bf16() is native
+    assert loop.resolve_precision("auto", cpu) == (torch.bfloat16 if native else None)
+    assert loop.resolve_precision("fp32", cpu) is None
+    assert loop.resolve_precision("bf16", cpu) == torch.bfloat16
+    assert loop.resolve_precision("fp16", cpu) == torch.float16
+    # the precision used is reported; under bf16 autocast the linear layer's output is bf16
+    seen = []
+
+    def step(m, b):
+        out = m(b["x"])
+        seen.append(out.dtype)
+        return {"loss": ((out.float() - b["y"]) ** 2).mean()}
+
+    data = list(toy.ToyData(n_batches=2))
+    res = fit(torch.nn.Linear(8, 3), step, data, TrainConfig(max_steps=2, progress=False, log_every=0))
+    assert res.precision == ("bf16" if native else "fp32")
+    assert seen == [torch.bfloat16 if native else torch.float32] * 2
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="max_steps"):
         TrainConfig(max_steps=0)
@@ -83,8 +111,9 @@ def test_grad_accumulation_matches_big_batch():
         if accum == 1:
             data = [{"x": torch.cat([a["x"], b["x"]]), "y": torch.cat([a["y"], b["y"]])}
                     for a, b in zip(data[::2], data[1::2], strict=True)]
+        # fp32: the comparison is about the accumulation arithmetic, not bf16 rounding of the GEMMs
         cfg = TrainConfig(max_steps=4, lr=1e-2, grad_accum=accum, progress=False, log_every=0,
-                          grad_clip=0.5)
+                          grad_clip=0.5, precision="fp32")
         fit(model, toy.step, data, cfg)
         return model.weight.detach().clone()
 

@@ -228,6 +228,7 @@ def fit_state_embedding(
             "celltwin_version": __version__,
             "steps": res.step,
             "cells_per_s": res.items_per_s,
+            "precision": res.precision,
             "last_losses": res.last_losses,
         }
         with atomic_path(Path(out_dir) / "run.json") as tmp:

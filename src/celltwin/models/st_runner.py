@@ -528,6 +528,7 @@ def train_state(request: Any) -> dict:
             "preset": opts.preset, "n_params": model.n_params(), "steps": res.step,
             "resumed_from": res.resumed_from, "train_seconds": round(res.seconds, 2),
             "cells_per_s": None if res.items_per_s is None else round(res.items_per_s, 1),
+            "precision": res.precision,
             "final_losses": res.last_losses, "val": res.last_val,
             "val_pairs": [list(g) for g in val_groups], "world_size": info.world_size,
             "options": asdict(opts), "input_space": opts.input_space,

@@ -1,7 +1,7 @@
 """Training machinery shared by the celltwin torch models (see :mod:`celltwin.train.loop`).
 
 One explicit loop (:func:`fit`): AdamW, warmup + cosine, gradient clipping and accumulation,
-bf16/fp16 autocast on CUDA, DDP (torchrun / env://; gloo on CPU, nccl on CUDA), atomic
+bf16/fp16 autocast (CUDA; bf16 on CPUs with native bf16), DDP (torchrun / env://; gloo on CPU, nccl on CUDA), atomic
 checkpoints with exact resume, CSV + TensorBoard metrics, periodic validation.
 """
 
@@ -15,6 +15,7 @@ from celltwin.train.loop import (
     fit,
     lr_lambda,
     move_to_device,
+    cpu_has_native_bf16,
     resolve_precision,
     seed_everything,
     unwrap,
@@ -29,6 +30,7 @@ __all__ = [
     "unwrap",
     "move_to_device",
     "resolve_precision",
+    "cpu_has_native_bf16",
     "lr_lambda",
     "DistInfo",
     "init_distributed",

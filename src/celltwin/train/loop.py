@@ -16,7 +16,8 @@ Usage::
 
 What one optimiser step does: ``grad_accum`` micro-batches, each moved to the device
 (tensors inside dicts/lists/tuples), forward under autocast (bf16 on CUDA when supported,
-else fp16 with a GradScaler; fp32 on CPU unless asked), backward of ``loss / grad_accum``
+else fp16 with a GradScaler; on CPU bf16 when the CPU has native bf16 instructions, else fp32;
+``precision="fp32"`` forces fp32), backward of ``loss / grad_accum``
 (DDP gradient sync only on the last micro-batch via ``no_sync``), gradient-norm clipping,
 AdamW step, LR scheduler step (linear warmup then cosine to ``min_lr_ratio * lr``).
 
@@ -67,6 +68,7 @@ __all__ = [
     "unwrap",
     "move_to_device",
     "resolve_precision",
+    "cpu_has_native_bf16",
     "lr_lambda",
 ]
 
@@ -90,7 +92,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr at max_steps
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
     grad_accum: int = 1  # micro-batches per optimiser step
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast); auto = bf16/fp16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast); auto: see resolve_precision
     device: str = "auto"  # auto | cpu | cuda | cuda:K
     seed: int = 0
     out_dir: str | None = None  # checkpoints/, metrics.csv, tb/ go here; None = nothing written
@@ -138,6 +140,7 @@ class TrainResult:
     resumed_from: int | None = None  # step of the checkpoint resumed from
     seconds: float = 0.0  # wall time of this process's loop
     items_per_s: float | None = None  # from count_fn, all ranks together, excluding the first step
+    precision: str = "fp32"  # the autocast precision actually used: fp32 | bf16 | fp16
 
 
 def seed_everything(seed: int) -> None:
@@ -163,11 +166,36 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX tiles).
+
+    On such CPUs oneDNN's bf16 GEMM is several times faster than fp32 GEMM (measured 4.5x at
+    the ``state`` preset's shapes on a 2-core AMD EPYC with AVX512-BF16); elsewhere bf16 is
+    emulated and slower than fp32. Uses torch's own CPU feature probes (False when absent).
+    """
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and bool(fn()):
+                return True
+        except Exception:  # a probe that cannot run on this build counts as "no"
+            continue
+    return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device`` (None = plain fp32).
 
-    ``auto``: bf16 on CUDA when the GPU supports it, else fp16 (with loss scaling); fp32 on
-    CPU (CPU bf16 autocast is slower than fp32 on most CPUs and changes numerics).
+    ``auto``: bf16 on CUDA when the GPU supports it, else fp16 (with loss scaling); on CPU, bf16
+    when the CPU has native bf16 matrix instructions (:func:`cpu_has_native_bf16`), else fp32.
+    Why bf16 on such CPUs: the ``state`` preset's training step is 1.7x faster (0.41 -> 0.24 s
+    at 2 x 64 cells, 2 threads) and the demo's scores are unchanged within seed noise (state
+    0.367 fp32 vs 0.374 bf16 at seed 0, 0.150 vs 0.144 at seed 1); see bench/RESULTS.md.
+    Autocast keeps the weights, the optimiser and the loss reductions in fp32; only matrix
+    products (and what autocast lists with them) run in bf16. ``fp32`` forces plain fp32.
     """
     if precision == "fp32":
         return None
@@ -177,6 +205,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
     return None
 
 
@@ -400,4 +430,5 @@ def fit(
     if count_fn is not None and t_first is not None and items_after_first > 0:
         rate = items_after_first * info.world_size / (time.perf_counter() - t_first)
     return TrainResult(step=step, epoch=epoch, last_losses=last_losses, last_val=last_val,
-                       resumed_from=resumed_from, seconds=seconds, items_per_s=rate)
+                       resumed_from=resumed_from, seconds=seconds, items_per_s=rate,
+                       precision=_PRECISION_NAMES[amp_dtype])
