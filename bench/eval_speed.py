@@ -5,7 +5,8 @@ log1p-normalised values from an independent draw with partly shuffled effects), 
 .h5ad, then evaluates them in fresh subprocesses (one per tool, so each peak RSS is its own):
 
 * cell-eval: ``MetricsEvaluator(...).compute(profile="vcc")`` (writes its DE CSVs and results),
-* celltwin:  ``evaluate(...)`` + ``EvalResult.write(report=False)`` (same files).
+* celltwin:  ``evaluate(...)`` + ``EvalResult.write(report=False, de_format=...)`` (the same tables:
+  parquet by default, ``--de-format csv`` for cell-eval's CSV files).
 
 It prints wall time (read + DE + metrics + write; module imports excluded for both tools), peak RSS, the time ratio and
 the largest difference between the two results tables. Numba caches are warmed on a tiny pair first.
@@ -108,7 +109,7 @@ def _simulate(
     return int(X.data.nbytes + X.indices.nbytes + X.indptr.nbytes)
 
 
-def _child(tool: str, real: str, pred: str, outdir: str, result: str) -> None:
+def _child(tool: str, real: str, pred: str, outdir: str, result: str, de_format: str = "parquet") -> None:
     if tool == "cell-eval":
         import logging
 
@@ -142,7 +143,7 @@ def _child(tool: str, real: str, pred: str, outdir: str, result: str) -> None:
 
         t = time.perf_counter()
         r = evaluate(pred, real, config=EvalConfig(profile="vcc"))
-        r.write(outdir, report=False)
+        r.write(outdir, report=False, de_format=de_format)
         wall = time.perf_counter() - t
         table = r.results
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -150,11 +151,11 @@ def _child(tool: str, real: str, pred: str, outdir: str, result: str) -> None:
     Path(result).write_text(json.dumps({"wall_s": wall, "peak_rss": rss}))
 
 
-def _run(tool: str, real: Path, pred: Path, work: Path) -> dict:
+def _run(tool: str, real: Path, pred: Path, work: Path, de_format: str = "parquet") -> dict:
     out = work / f"out_{tool}"
     res = work / f"res_{tool}.json"
     subprocess.run(
-        [sys.executable, __file__, "--_child", tool, str(real), str(pred), str(out), str(res)], check=True
+        [sys.executable, __file__, "--_child", tool, str(real), str(pred), str(out), str(res), de_format], check=True
     )
     info = json.loads(res.read_text())
     import pandas as pd
@@ -172,7 +173,9 @@ def main() -> int:
     ap.add_argument(
         "--workdir", default=None, help="where to write the simulated files (default: a temp dir)"
     )
-    ap.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--de-format", default="parquet", choices=["parquet", "csv"],
+                    help="file format of celltwin's DE tables (cell-eval always writes CSV)")
+    ap.add_argument("--_child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         _child(*args._child)
@@ -197,7 +200,7 @@ def main() -> int:
             f"[{scale}] simulated in {time.perf_counter() - t:.1f}s, sparse size {size / 2**30:.2f} GiB",
             flush=True,
         )
-        ct = _run("celltwin", work / f"{scale}_real.h5ad", work / f"{scale}_pred.h5ad", work)
+        ct = _run("celltwin", work / f"{scale}_real.h5ad", work / f"{scale}_pred.h5ad", work, args.de_format)
         ce = None
         if scale != "VCC" or args.cell_eval_vcc:
             ce = _run("cell-eval", work / f"{scale}_real.h5ad", work / f"{scale}_pred.h5ad", work)

@@ -172,9 +172,10 @@ _PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX tiles).
 
-    On such CPUs oneDNN's bf16 GEMM is several times faster than fp32 GEMM (measured 4.5x at
-    the ``state`` preset's shapes on a 2-core AMD EPYC with AVX512-BF16); elsewhere bf16 is
-    emulated and slower than fp32. Uses torch's own CPU feature probes (False when absent).
+    On such CPUs oneDNN's bf16 GEMM is several times faster than fp32 GEMM (measured 4-5x at
+    the ``state`` preset's shapes on a 2-core AMD EPYC with AVX512-BF16, bench/cpu_precision.py);
+    elsewhere bf16 products go through conversions and are usually no faster than fp32 (not
+    measured here). Uses torch's own CPU feature probes (False when absent).
     """
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         fn = getattr(torch.cpu, probe, None)
@@ -191,9 +192,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
     ``auto``: bf16 on CUDA when the GPU supports it, else fp16 (with loss scaling); on CPU, bf16
     when the CPU has native bf16 matrix instructions (:func:`cpu_has_native_bf16`), else fp32.
-    Why bf16 on such CPUs: the ``state`` preset's training step is 1.7x faster (0.41 -> 0.24 s
-    at 2 x 64 cells, 2 threads) and the demo's scores are unchanged within seed noise (state
-    0.367 fp32 vs 0.374 bf16 at seed 0, 0.150 vs 0.144 at seed 1); see bench/RESULTS.md.
+    Why bf16 on such CPUs: the ``state`` preset's training step is 1.7-1.8x faster (0.375 ->
+    0.207 s at 2 x 64 cells, 2 threads) and the demo's scores are unchanged within seed noise
+    (state 0.367 fp32 vs 0.374 bf16 at seed 0, 0.150 vs 0.144 at seed 1); reproduce with
+    ``python bench/cpu_precision.py --step --demo`` (numbers in bench/RESULTS.md).
     Autocast keeps the weights, the optimiser and the loss reductions in fp32; only matrix
     products (and what autocast lists with them) run in bf16. ``fp32`` forces plain fp32.
     """
