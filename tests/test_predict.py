@@ -207,7 +207,7 @@ def test_predict_errors(tmp_path):
 
 
 def test_predict_from_a_controls_file(tmp_path):
-    a, data = _files(tmp_path)
+    _a, data = _files(tmp_path)
     ctl = ad.AnnData(X=np.array([[0.25, 0.25, 0.25]], dtype=np.float32), obs=pd.DataFrame(index=["k"]),
                      var=pd.DataFrame(index=GENES))
     ctl.write_h5ad(tmp_path / "ctl.h5ad")

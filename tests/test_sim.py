@@ -198,7 +198,6 @@ def test_eval_pair():
     ctrl = np.flatnonzero(real.obs[PERT_COL].to_numpy() == CONTROL_LABEL)
     assert (pred.X[ctrl] != real.X[ctrl]).nnz == 0
     assert (pred.X != real.X).nnz > 0  # perturbed cells are fresh draws
-    _, bad = simulate_eval_pair(n_perts=6, cells_per_pert=80, n_controls=100, n_genes=150, seed=3, noise=1.0)
 
     def deltas(adata):
         x = _normlog(adata.X)

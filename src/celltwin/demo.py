@@ -146,7 +146,6 @@ def _make_split(adata: ad.AnnData, path: Path, seed: int):
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None,
              log: Callable[[str], None] | None = None) -> DemoResult:
     """Run the demo and write everything under ``out_dir`` (see the module docstring)."""
-    import anndata as ad
     import pandas as pd
 
     from celltwin.eval import EvalConfig, evaluate
@@ -199,7 +198,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None,
         t1 = time.perf_counter()
         run_dir = out / "runs" / name
         opts = model_options(name, cfg.model_options)
-        meta = train_run(name, train, run_dir, seed=cfg.seed, options=opts,
+        train_run(name, train, run_dir, seed=cfg.seed, options=opts,
                          extra_meta={"data": str(out / "data.h5ad"), "split": str(out / "split.toml")})
         predictor = load_predictor(run_dir)
         pre = Preprocessing.load(run_dir)

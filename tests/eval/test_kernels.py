@@ -114,7 +114,6 @@ def test_block_gather_and_means(dtype):
     row_order = np.argsort(codes, kind="stable").astype(np.int64)
     row_group = codes[row_order].astype(np.int64)
     sizes = np.bincount(codes, minlength=3).astype(np.int64)
-    group_ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     seg_d, vals_d = K.dense_block(X, row_order, row_group, 2, 6, 3, 2)
     Xs = sp.csr_matrix(X)
     Xs.data[0] = 0  # explicit stored zero must be skipped

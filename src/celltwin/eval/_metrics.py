@@ -228,8 +228,8 @@ def describe(values: np.ndarray, null: np.ndarray | None = None) -> list[float]:
     notnan = v[~np.isnan(v)]
     mean = float(np.mean(v)) if n else float("nan")
     std = float(np.std(v, ddof=1)) if n > 1 else float("nan")
-    vmin = float(np.min(notnan)) if notnan.size else (float("nan") if n else float("nan"))
-    vmax = float(np.max(notnan)) if notnan.size else (float("nan") if n else float("nan"))
+    vmin = float(np.min(notnan)) if notnan.size else float("nan")
+    vmax = float(np.max(notnan)) if notnan.size else float("nan")
     sorted_vals = np.sort(v)  # NaN sorts last in numpy, as in polars
     return [
         float(n),
