@@ -36,6 +36,23 @@ def test_atomic_path_creates_parent(tmp_path):
     assert target.read_text() == "1"
 
 
+def test_atomic_path_gives_plain_file_permissions(tmp_path):
+    """A new file gets what open() gives it (0o666 minus the umask), not mkstemp's private 0o600;
+    a replaced file keeps its mode."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    new = tmp_path / "new.txt"
+    with atomic_path(new) as tmp:
+        tmp.write_text("x")
+    assert new.stat().st_mode & 0o7777 == plain.stat().st_mode & 0o7777
+    old = tmp_path / "old.txt"
+    old.write_text("x")
+    old.chmod(0o640)
+    with atomic_path(old) as tmp:
+        tmp.write_text("y")
+    assert old.stat().st_mode & 0o7777 == 0o640 and old.read_text() == "y"
+
+
 @pytest.mark.parametrize("exc", [InputError, ConfigError])
 def test_cli_turns_celltwin_errors_into_exit_2(monkeypatch, capsys, exc):
     mod = types.ModuleType("celltwin.commands._fake")
