@@ -196,3 +196,70 @@ def test_mwu_test_only_ties_and_shared_runs(seed):
             assert p[i, 0] == 1.0
         else:
             assert p[i, 0] == pytest.approx(ref.pvalue, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Edge cases of the bucket index and the block kernels (also run under NUMBA_BOUNDSCHECK=1 by
+# tests/eval/test_numba_cache.py::test_kernels_in_bounds_under_boundscheck)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("x", "y"),
+    [
+        # control spread 1.5e-323 (subnormal): (n_distinct) / spread overflows to inf; before the
+        # fix int(0 * inf) = int(NaN) = INT64_MIN indexed one slot past the bucket table
+        (np.array([1e-323, 3e-323]), np.array([5e-324, 1e-323, 2e-323])),
+        (np.array([2e-310, 0.0, 7e-310]), np.array([1e-310, 5e-310, 5e-310, 9e-310, 0.0])),
+        # spread overflows to inf the other way (scale 0): one bucket, still exact
+        (np.array([-1e308, 0.0, 1e308]), np.array([-1.5e308, 3.0, 1.7e308, 1.7e308])),
+        (np.array([1.0, 2.0]), np.array([4.0])),  # a single control cell
+        (np.array([1.0, 0.0, 3.0]), np.zeros(5)),  # all-zero control: one run, nothing stored
+        (np.zeros(3), np.array([0.0, 0.0, 2.0])),  # all-zero test group
+    ],
+)
+def test_mwu_extreme_spreads_and_tiny_groups(x, y):
+    u1, p = _run_mwu(x, y)
+    ref = stats.mannwhitneyu(x, y, use_continuity=True, method="asymptotic")
+    assert u1 == ref.statistic
+    # scipy and numba_mwu/pdex evaluate z in a different order: equal to ~1 ulp
+    assert p == pytest.approx(ref.pvalue, rel=1e-12)
+
+
+def test_bucket_index_is_bounded_and_monotone():
+    for cv in (np.array([5e-324, 1e-323, 2e-323]), np.array([0.0, 1e-300, 2e-300]), np.array([-1e308, 1e308])):
+        nd = cv.size
+        first, scale = K._bucket_index(cv, nd)
+        assert np.isfinite(scale)
+        assert first.shape == (nd + 2,) and first.min() >= 0 and first.max() <= nd
+        assert (np.diff(first) >= 0).all()
+        for v in (*cv, *(0.5 * (cv[:-1] + cv[1:]))):
+            a = K._locate(v, cv, nd, first, scale)
+            assert a == np.searchsorted(cv, v, side="left")
+    assert K._bucket(1.0, np.inf, 7) == 7
+    assert K._bucket(0.0, np.inf, 7) == 7  # NaN product -> top, never INT64_MIN
+    assert K._bucket(2.5, 1.0, 7) == 2
+    assert K._bucket(0.0, 3.0, 7) == 0
+
+
+def test_csr_block_int64_indices_and_empty_rows():
+    rng = np.random.default_rng(11)
+    X = (rng.random((12, 9)) * (rng.random((12, 9)) < 0.3)).astype(np.float64)
+    X[4] = 0.0  # an empty row
+    Xs = sp.csr_matrix(X)
+    codes = rng.integers(0, 3, size=12)
+    row_order = np.argsort(codes, kind="stable").astype(np.int64)
+    row_group = codes[row_order].astype(np.int64)
+    for idx_dtype in (np.int32, np.int64):
+        indices = Xs.indices.astype(idx_dtype)
+        cursor = Xs.indptr.astype(np.int64)[row_order].copy()
+        got = []
+        for g0, g1 in ((0, 4), (4, 9)):
+            seg, vals = K.csr_block(
+                Xs.indptr.astype(np.int64), indices, Xs.data, row_order, row_group, cursor, g0, g1, 3, 2
+            )
+            ref_seg, ref_vals = K.dense_block(X, row_order, row_group, g0, g1, 3, 1)
+            np.testing.assert_array_equal(seg, ref_seg)
+            np.testing.assert_array_equal(vals, ref_vals)
+            got.append(vals.size)
+        assert sum(got) == np.count_nonzero(X)

@@ -23,7 +23,9 @@ Exactness notes (why results equal pdex 0.3.0 / numba_mwu bit for bit):
 
 from __future__ import annotations
 
+import functools
 import math
+import pickle
 
 import numba as nb
 import numpy as np
@@ -227,6 +229,22 @@ def _distinct(sorted_vals, n_zeros, out_v, out_c):
 
 
 @nb.njit(cache=True)
+def _bucket(dx, scale, top):
+    """``min(floor(dx * scale), top)`` for ``dx >= 0``, never out of ``[0, top]``.
+
+    Monotone in ``dx`` (IEEE multiplication and floor are), which is all the bucket index needs.
+    A product that is not ``< top`` (including NaN and inf, whose ``int()`` is undefined in LLVM
+    and INT64_MIN on x86) maps to ``top``.
+    """
+    y = dx * scale
+    if not y < top:
+        return top
+    if y <= 0.0:
+        return 0
+    return int(y)
+
+
+@nb.njit(cache=True)
 def _bucket_index(cv, nd_c):
     """Bucket table over the sorted distinct control values for O(1) expected look-ups.
 
@@ -239,11 +257,13 @@ def _bucket_index(cv, nd_c):
     scale = 0.0
     if nd_c > 1 and cv[nd_c - 1] > cv[0]:
         scale = (nbk - 1) / (cv[nd_c - 1] - cv[0])
+        if not scale < np.inf:
+            # a subnormal spread overflows the scale; (x - cv[0]) * inf would be NaN for
+            # x == cv[0] and int(NaN) is INT64_MIN, which indexed one slot past ``first``
+            # (a heap overwrite). One bucket for all values is always correct, just slower.
+            scale = 0.0
     for a in range(nd_c - 1, -1, -1):
-        b = int((cv[a] - cv[0]) * scale)
-        if b > nbk - 1:
-            b = nbk - 1
-        first[b] = a
+        first[_bucket(cv[a] - cv[0], scale, nbk - 1)] = a
     for b in range(nbk - 1, -1, -1):
         if first[b + 1] < first[b]:
             first[b] = first[b + 1]
@@ -257,10 +277,7 @@ def _locate(v, cv, nd_c, first, scale):
         return 0
     if v > cv[nd_c - 1]:
         return nd_c
-    b = int((v - cv[0]) * scale)
-    if b > nd_c:
-        b = nd_c
-    a = first[b]
+    a = first[_bucket(v - cv[0], scale, nd_c)]
     while cv[a] < v:  # terminates: v <= cv[nd_c - 1]
         a += 1
     return a
@@ -794,3 +811,187 @@ def legacy_block(D, group_ptr, ctrl, n_tests, tie_table, out_sum, out_r1, out_ti
                         hi_ = m
                 rk[q] = rank_t[lo_]
             out_r1[t, g0 + j] = pairwise_sum(rk, 0, n_t, zero)
+
+
+# --------------------------------------------------------------------------------------------
+# On-disk compilation cache: safe under concurrent processes, verified on load
+# --------------------------------------------------------------------------------------------
+#
+# Why (the segfault of issue 10). numba 0.68.1 keeps one index per function
+# (``<func>-<line>.pyXY.nbi``: key -> data-file name) and one data file per compiled signature
+# (``<func>-<line>.pyXY.<n>.nbc``, pickled machine code). ``IndexDataCacheFile.save`` is an
+# unlocked read-modify-write: load the index, pick the first unused number, write the index,
+# write the data. Each single file is replaced atomically, but the *pair* is not: two processes
+# that save different signatures (float32 / float64, C / A layout, or two versions of this
+# file while it is being edited) at the same moment both pick ``.1.nbc``; the index can end up
+# naming process A's key while the data file holds process B's machine code. Nothing checks
+# the loaded data against the key, and the dispatcher calls whatever entry point it got, with
+# the caller's arrays. The boxing layer compares only the item size of each array, so a
+# float64<->int64, float32<->int32 or 'C'<->'A' (e.g. a reversed view) mix-up, or code from
+# another version of the file, runs on the wrong memory: out-of-bounds reads and writes, a
+# segfault in every later process that loads that cache (deterministic until the cache is
+# deleted). For a float32<->float64 mix-up the same corruption surfaces as "TypeError: can't
+# unbox array". ``tests/eval/test_numba_cache.py`` forces that interleaving through numba's own
+# ``save`` and shows the corrupted index, then checks the guard below repairs it.
+#
+# The guard (decided instead of a per-version cache directory, which would still be shared by
+# concurrent processes of one version): every kernel's cache-file object is switched to
+# :class:`_GuardedCacheFile`, which
+#
+# * takes an exclusive ``fcntl.flock`` on ``<cache dir>/celltwin-numba.lock`` around the whole
+#   index-and-data update of ``save`` and a shared one around ``load`` (so readers never see a
+#   half-updated pair); compilation itself is not serialised (concurrent cold processes may
+#   compile the same kernel twice; the second save overwrites identical code);
+# * stores each data file as ``(tag, numba, llvmlite, boundscheck, source stamp, key, payload)``
+#   and, on load, ignores (and recompiles over) any entry whose header does not match this
+#   process exactly: a foreign or pre-guard file, another signature, another source version,
+#   another numba/llvmlite, or code compiled with a different ``NUMBA_BOUNDSCHECK`` (numba's own
+#   key does not include that flag);
+# * treats an unreadable (truncated) index as empty instead of raising.
+#
+# The cache location stays numba's choice (``NUMBA_CACHE_DIR`` if set, else ``__pycache__``
+# next to this file, else a user-wide directory). Without ``fcntl`` (Windows) there is no lock
+# and the header check alone keeps foreign code from running. If numba's cache classes ever
+# change shape, the kernels fall back to no on-disk cache (compiled per process) rather than
+# run unverified code.
+
+_CACHE_TAG = "celltwin-numba-cache-1"
+# what unpickling a damaged (truncated, garbled or foreign) file can raise
+_UNPICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+)
+_LOCK_NAME = "celltwin-numba.lock"
+
+
+def _cache_header(stamp: object) -> tuple[object, ...]:
+    import llvmlite
+
+    return (_CACHE_TAG, nb.__version__, llvmlite.__version__, nb.config.BOUNDSCHECK, stamp)
+
+
+def _flock(directory: str, exclusive: bool):
+    """Context manager holding ``flock`` on ``directory/celltwin-numba.lock`` (no-op if impossible)."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def held():
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: header verification only
+            yield
+            return
+        try:
+            fd = os.open(os.path.join(directory, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # read-only or missing cache dir: header verification only
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    return held()
+
+
+@functools.cache
+def _make_guarded_class():
+    from numba.core import caching
+
+    base = caching.IndexDataCacheFile
+    needed = ("save", "load", "_load_index", "_save_data", "_load_data", "_cache_path", "_source_stamp")
+
+    class _GuardedCacheFile(base):
+        """numba's index/data cache file with a cross-process lock and a verified header.
+
+        ``save``/``load`` know the key, ``_save_data``/``_load_data`` only the file name, so the
+        key is parked on the object for the duration of the call (numba holds its global
+        compiler lock around both, so no other thread of this process interleaves).
+        """
+
+        _pending_key = None
+
+        def save(self, key, data):
+            with _flock(self._cache_path, exclusive=True):
+                self._pending_key = key
+                try:
+                    super().save(key, data)
+                finally:
+                    self._pending_key = None
+
+        def load(self, key):
+            import os
+
+            if not os.path.isdir(self._cache_path):
+                return None
+            with _flock(self._cache_path, exclusive=False):
+                self._pending_key = key
+                try:
+                    return super().load(key)
+                finally:
+                    self._pending_key = None
+
+        def _save_data(self, name, data):
+            super()._save_data(name, (*_cache_header(self._source_stamp), self._pending_key, data))
+
+        def _load_data(self, name):
+            try:
+                tup = super()._load_data(name)
+            except OSError:
+                raise  # numba's load() treats a vanished file as a miss
+            except _UNPICKLE_ERRORS:  # truncated / garbled pickle: recompile, save overwrites it
+                return None
+            expected = _cache_header(self._source_stamp)
+            n = len(expected)
+            if not (isinstance(tup, tuple) and len(tup) == n + 2 and tup[:n] == expected):
+                return None  # foreign / stale / pre-guard entry: recompile, save overwrites it
+            if tup[n] != self._pending_key:
+                return None  # the index names a file holding another key's code
+            return tup[n + 1]
+
+        def _load_index(self):
+            try:
+                return super()._load_index()
+            except _UNPICKLE_ERRORS:  # truncated or garbled index: start afresh
+                return {}
+
+    return base, needed, _GuardedCacheFile
+
+
+def guard_numba_cache(namespace: dict) -> list[str]:
+    """Switch every ``cache=True`` dispatcher in ``namespace`` to the guarded cache file.
+
+    Returns the names guarded. A dispatcher whose cache object does not look like numba
+    0.60-0.68's gets no on-disk cache at all (``NullCache``) instead of an unverified one.
+    """
+    from numba.core import caching
+    from numba.core.registry import CPUDispatcher
+
+    base, needed, guarded = _make_guarded_class()
+    names = []
+    for name, obj in namespace.items():
+        if not isinstance(obj, CPUDispatcher):
+            continue
+        cache = getattr(obj, "_cache", None)
+        cf = getattr(cache, "_cache_file", None)
+        if cf is None:
+            continue
+        if type(cf) is guarded:
+            names.append(name)
+        elif type(cf) is base and all(hasattr(cf, a) for a in needed):
+            cf.__class__ = guarded
+            names.append(name)
+        else:  # pragma: no cover - a numba whose cache internals differ
+            obj._cache = caching.NullCache()
+    return names
+
+
+_GUARDED = guard_numba_cache(globals())

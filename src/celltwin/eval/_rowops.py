@@ -5,6 +5,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from celltwin.eval._kernels import guard_numba_cache
+
 __all__ = ["divide_rows", "group_sums_csr", "scan_finite", "has_fraction"]
 
 
@@ -66,3 +68,8 @@ def has_fraction(vals, eps):  # pragma: no cover - compiled
         if v - np.trunc(v) > eps:
             return True
     return False
+
+
+# Same concurrency guard as the DE kernels (see the comment block at the end of _kernels.py):
+# lock around numba's cache index/data update, and verify each loaded entry's header.
+_GUARDED = guard_numba_cache(globals())
