@@ -154,8 +154,8 @@ def test_cli_embed_fit_and_transform(tmp_path, capsys):
     assert "learned 64-d vector" in out and "trained SE (tiny) for 4 steps" in out
     cfg = json.loads((model / "config.json").read_text())
     assert cfg["config"]["loss"] == "mse+energy" and cfg["n_missing_genes"] == N_GENES
-    # running again resumes from the final checkpoint: no further steps
-    assert main(fit) == 0
+    # running again (same options) resumes from the final checkpoint: no further steps
+    assert main([*fit, "--loss", "mse+energy"]) == 0
     assert "for 4 steps" in capsys.readouterr().out
     rc = main(["embed", "transform", str(model), str(data), "-o", str(tmp_path / "o.h5ad"), "--no-progress"])
     assert rc == 0

@@ -5,7 +5,10 @@
   and trains :class:`~celltwin.models.state_embedding.StateEmbeddingModel` with the shared
   loop (:func:`celltwin.train.fit`: DDP, resume, checkpoints, metrics). The run directory
   gets the model files of ``save_pretrained`` plus ``run.json`` and the loop's
-  ``checkpoints/`` and ``metrics.csv``.
+  ``checkpoints/`` and ``metrics.csv``. Re-running the same fit resumes from the checkpoint
+  exactly (batches are a function of ``(seed, epoch, rank)``, the model's random masks come from
+  the torch RNG the loop checkpoints); a checkpoint of a different fit (other data file, cells,
+  preprocessing, gene vectors or options: :func:`_fit_fingerprint`) is refused.
 * :func:`transform` embeds every cell of an ``.h5ad`` in batches (rows read lazily) and writes
   ``obsm[EMBED_KEY]`` to a new file, atomically.
 
@@ -18,7 +21,9 @@ directory and applied identically at transform time.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -135,6 +140,56 @@ class _CellBatches:
             yield {"x": torch.from_numpy(x), "ds": torch.from_numpy(self.ds[idx])}
 
 
+def _digest(*parts: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def _fit_fingerprint(
+    data,
+    source,
+    rows: np.ndarray,
+    prep,
+    config: StateEmbeddingConfig,
+    files: dict[str, str | Path | None],
+    options: dict,
+) -> dict:
+    """What makes an SE fit this fit: resume refuses a checkpoint whose fingerprint differs.
+
+    * ``data``: :func:`celltwin.train.file_fingerprint` of the ``.h5ad`` (size, mtime, hash of its
+      ends); for an in-memory AnnData, its shape and a hash of its gene names (its values are not
+      hashed: a resumed in-memory fit trusts the caller).
+    * ``rows``: how many training cells and a hash of their indices (e.g. a split's training cells).
+    * ``preprocess``: the model-space rule (target sum, log1p, genes, HVG selection), hashed.
+    * ``model``: the SE config; ``files``: fingerprints of the gene table, gene list and HGNC table;
+      ``options``: gene_dim, dataset_key, n_top_genes, batch_size (all change the result).
+    The optimiser settings (lr, betas, weight decay, clipping, seed) are checked by the loop itself.
+    """
+    from celltwin.train import file_fingerprint
+
+    if isinstance(data, str | os.PathLike):
+        data_fp: dict = file_fingerprint(data)
+    elif hasattr(source, "files") and all(Path(f).exists() for f in source.files):  # a CellDataset of files
+        data_fp = {"files": [file_fingerprint(f) for f in source.files]}
+    else:
+        names = "\n".join(map(str, source.var_names)).encode()
+        data_fp = {"in_memory": [int(source.n_obs), int(source.n_vars)], "var_names": _digest(names)}
+    rows64 = np.ascontiguousarray(rows, dtype=np.int64)
+    prep_desc = json.dumps(prep.to_dict(), sort_keys=True, default=str).encode()
+    genes = "\n".join(map(str, prep.genes)).encode()
+    return {
+        "data": data_fp,
+        "rows": {"n": int(rows64.size), "blake2b": _digest(rows64.tobytes())},
+        "preprocess": {"n_genes": len(prep.genes), "blake2b": _digest(prep_desc, genes)},
+        "model": json.loads(json.dumps(asdict(config), default=str)),
+        "files": {k: (None if v is None else file_fingerprint(v)) for k, v in sorted(files.items())},
+        "options": options,
+    }
+
+
 def fit_state_embedding(
     data: str | Path,
     out_dir: str | Path,
@@ -189,6 +244,15 @@ def fit_state_embedding(
     datasets, ds = _dataset_labels(source, dataset_key, rows)
 
     train_config.out_dir = str(out_dir)
+    train_config.fingerprint = {**train_config.fingerprint, **_fit_fingerprint(
+        data,
+        source,
+        rows,
+        prep,
+        config,
+        {"gene_table": gene_table, "gene_list": gene_list, "hgnc": hgnc},
+        {"gene_dim": gene_dim, "dataset_key": dataset_key, "n_top_genes": n_top_genes, "batch_size": batch_size},
+    )}
     seed_everything(train_config.seed)  # identical initial weights on every rank
     model = StateEmbeddingModel(config, genes, vec, found, datasets)
     loader = _CellBatches(

@@ -2,20 +2,29 @@
 
 One explicit loop (:func:`fit`): AdamW, warmup + cosine, gradient clipping and accumulation,
 bf16/fp16 autocast (CUDA; bf16 on CPUs with native bf16), DDP (torchrun / env://; gloo on CPU, nccl on CUDA), atomic
-checkpoints with exact resume, CSV + TensorBoard metrics, periodic validation.
+checkpoints (tensors and plain data, loaded with ``weights_only=True``) with exact resume that
+refuses another run's checkpoint (:attr:`TrainConfig.fingerprint`, :func:`file_fingerprint`),
+divergence detection (:class:`DivergenceError`), CSV + TensorBoard metrics, periodic validation.
 """
 
 from __future__ import annotations
 
-from celltwin.train.checkpoint import load_checkpoint, save_checkpoint
+from celltwin.train.checkpoint import (
+    file_fingerprint,
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from celltwin.train.distributed import DistInfo, cleanup_distributed, init_distributed, is_distributed
 from celltwin.train.loop import (
+    DivergenceError,
     TrainConfig,
     TrainResult,
+    cpu_has_native_bf16,
+    fingerprint_diff,
     fit,
     lr_lambda,
     move_to_device,
-    cpu_has_native_bf16,
     resolve_precision,
     seed_everything,
     unwrap,
@@ -23,20 +32,24 @@ from celltwin.train.loop import (
 from celltwin.train.metrics import MetricsLogger
 
 __all__ = [
+    "DistInfo",
+    "DivergenceError",
+    "MetricsLogger",
     "TrainConfig",
     "TrainResult",
+    "cleanup_distributed",
+    "cpu_has_native_bf16",
+    "file_fingerprint",
+    "fingerprint_diff",
     "fit",
+    "init_distributed",
+    "is_distributed",
+    "load_checkpoint",
+    "lr_lambda",
+    "move_to_device",
+    "remove_stale_temp_files",
+    "resolve_precision",
+    "save_checkpoint",
     "seed_everything",
     "unwrap",
-    "move_to_device",
-    "resolve_precision",
-    "cpu_has_native_bf16",
-    "lr_lambda",
-    "DistInfo",
-    "init_distributed",
-    "cleanup_distributed",
-    "is_distributed",
-    "save_checkpoint",
-    "load_checkpoint",
-    "MetricsLogger",
 ]

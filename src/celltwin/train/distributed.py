@@ -5,6 +5,16 @@
 through ``init_method="env://"``. Backend: ``nccl`` when the process trains on CUDA, ``gloo``
 otherwise. A process without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) runs single-process
 and never touches ``torch.distributed``.
+
+Network exposure: when the launcher did not set ``MASTER_ADDR`` (a hand-rolled single-node
+launch with ``RANK``/``WORLD_SIZE``/``MASTER_PORT`` only), :func:`init_distributed` uses
+``127.0.0.1``, so rank 0's rendezvous store listens on loopback only, not on every interface.
+``torchrun`` always sets ``MASTER_ADDR`` itself and its own store binds according to its
+flags: for single-node runs prefer ``torchrun --standalone`` or
+``torchrun --master_addr 127.0.0.1 --master_port PORT ...`` (static rendezvous), or
+``--rdzv-backend c10d --rdzv-endpoint localhost:PORT``; multi-node runs need a reachable
+address and should run on a trusted network (the store and gloo/nccl traffic are not
+authenticated).
 """
 
 from __future__ import annotations
@@ -15,7 +25,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "is_distributed", "barrier", "all_reduce_mean"]
+from celltwin.errors import ConfigError
+
+__all__ = [
+    "DistInfo",
+    "all_reduce_mean",
+    "any_rank",
+    "barrier",
+    "cleanup_distributed",
+    "init_distributed",
+    "is_distributed",
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     ``nccl`` on CUDA and ``gloo`` on CPU.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        _default_loopback_master()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if device == "auto":
@@ -60,6 +82,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+
+
+def _default_loopback_master() -> None:
+    """Single-node defaults for ``env://``: ``MASTER_ADDR=127.0.0.1`` when unset; ``MASTER_PORT`` required."""
+    if not os.environ.get("MASTER_ADDR"):
+        os.environ["MASTER_ADDR"] = "127.0.0.1"  # loopback: never expose the store on all interfaces
+    if not os.environ.get("MASTER_PORT"):
+        msg = (
+            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but MASTER_PORT is not set: launch with torchrun "
+            f"(e.g. torchrun --standalone --nproc_per_node N ...) or set MASTER_PORT to a free port"
+        )
+        raise ConfigError(msg)
 
 
 def cleanup_distributed() -> None:
@@ -82,3 +116,12 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (one tiny all-reduce in DDP)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

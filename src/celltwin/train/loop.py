@@ -25,22 +25,47 @@ Data contract: ``loader`` is re-iterated every epoch (an epoch ends when it is e
 Before each epoch the loop calls ``set_epoch(epoch)`` on ``loader.sampler``,
 ``loader.batch_sampler`` and ``loader.dataset`` when they have it (or ``loader`` may be a
 callable ``epoch -> iterable``). For exact resume the batches must be a function of
-``(epoch, position)`` only (e.g. a sampler seeded by ``seed + epoch``), not of the global
-RNG. On resume the loop skips the batches already consumed in the current epoch by
-iterating past them (cost: reading them again). In DDP each rank must get its own
-disjoint shard (the celltwin set sampler takes ``rank``/``world_size``).
+``(epoch, position)`` only (e.g. a sampler seeded by ``seed + epoch``). On resume the loop
+skips the batches already consumed in the current epoch by iterating past them (cost:
+reading them again). In DDP each rank must get its own disjoint shard (the celltwin set
+sampler takes ``rank``/``world_size``).
+
+Loader RNG isolation: every call into the loader (``set_epoch``, ``iter(loader)``, each
+``next``) runs on a separate set of global RNG streams (torch CPU, Python ``random``, NumPy
+legacy), seeded from ``(seed, rank, epoch)`` at the start of each epoch and swapped out again
+afterwards (:class:`_LoaderRng`). Why: ``iter(torch.utils.data.DataLoader)`` draws the
+workers' ``base_seed`` from the global torch generator (with any ``num_workers``), and a
+``shuffle=True`` loader without its own ``generator`` draws its permutation seed there too. On
+resume the loop re-creates the epoch's iterator at a different point of the training RNG
+stream than the uninterrupted run did, which shifted every later dropout mask (a killed and
+resumed ``state`` run ended 0.012 away from the uninterrupted weights). With the swap, the
+training RNG (dropout, masking, ...) never sees the loader's draws, and the loader's own draws
+(worker seeds, unseeded shuffles, random augmentation in ``__getitem__`` with
+``num_workers=0``) are a function of ``(seed, rank, epoch, position)``, identical after a
+resume. Cost: a few tens of microseconds per batch. Not covered: ``persistent_workers=True``
+(workers keep their RNG across epochs, which a resume cannot reproduce).
 
 Checkpoints (``out_dir/checkpoints/last.pt``, atomic) hold model, optimiser, scheduler,
 grad scaler, every rank's RNG states, ``step``, ``epoch``, position in the epoch and the
 config; with ``resume=True`` a run restarts from there and reaches the same parameters
-as an uninterrupted run (bitwise on CPU with deterministic kernels; tested with SIGKILL).
-Only rank 0 writes files. Weight decay applies to parameters with ``ndim >= 2`` only
-(not to norms and biases).
+as an uninterrupted run (bitwise on CPU with deterministic kernels; tested with SIGKILL,
+also with a real ``DataLoader`` with workers). Checkpoints hold tensors and plain data only
+and are read with ``weights_only=True`` (:mod:`celltwin.train.checkpoint`). Resume refuses a
+checkpoint whose ``TrainConfig.fingerprint`` (data files, split, options: whatever the
+caller puts there) differs from this run's, naming the differing keys. Only rank 0 writes
+files. Weight decay applies to parameters with ``ndim >= 2`` only (not to norms and biases).
+
+Divergence: a non-finite loss, a non-finite gradient norm (without fp16 loss scaling, whose
+GradScaler legitimately skips steps with inf gradients) or non-finite parameters after an
+optimiser step stop training with :class:`DivergenceError` (one line in the CLI, exit 2)
+naming the step and the learning rate. It is raised before anything is written, so the last
+good checkpoint stays on disk; a checkpoint with non-finite weights is never written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 import time
@@ -53,23 +78,40 @@ import numpy as np
 import torch
 from torch import nn
 
-from celltwin.errors import ConfigError
-from celltwin.train.checkpoint import gather_rng_states, load_checkpoint, save_checkpoint, set_rng_state
-from celltwin.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, is_distributed
+from celltwin.errors import CelltwinError, ConfigError
+from celltwin.train.checkpoint import (
+    CHECKPOINT_NAME,
+    gather_rng_states,
+    load_checkpoint,
+    plain_data_problem,
+    remove_stale_temp_files,
+    save_checkpoint,
+    set_rng_state,
+)
+from celltwin.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    init_distributed,
+    is_distributed,
+)
 from celltwin.train.metrics import MetricsLogger
 
 __all__ = [
+    "DivergenceError",
+    "StepFn",
     "TrainConfig",
     "TrainResult",
-    "StepFn",
     "ValFn",
+    "cpu_has_native_bf16",
+    "fingerprint_diff",
     "fit",
-    "seed_everything",
-    "unwrap",
+    "lr_lambda",
     "move_to_device",
     "resolve_precision",
-    "cpu_has_native_bf16",
-    "lr_lambda",
+    "seed_everything",
+    "unwrap",
 ]
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
@@ -78,6 +120,17 @@ ValFn = Callable[[nn.Module, int], Mapping[str, float]]
 """``val(model, step) -> {name: float}``; runs on rank 0 under ``no_grad`` in eval mode."""
 
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+_RESUME_KEYS = ("lr", "weight_decay", "betas", "min_lr_ratio", "grad_clip", "grad_accum", "seed")
+"""TrainConfig fields a resume must not change: the optimiser and scheduler states restored from
+the checkpoint would silently keep the old lr / betas / weight decay, and the others change
+the result. ``max_steps`` and ``warmup_steps`` may change (extending a finished run), as may
+bookkeeping (logging, checkpoint interval, progress), ``device`` and ``precision``."""
+
+
+class DivergenceError(CelltwinError, FloatingPointError):
+    """Training diverged (non-finite loss, gradients or parameters); the message names the step and lr."""
 
 
 @dataclass
@@ -103,6 +156,9 @@ class TrainConfig:
     progress: bool = True  # rich progress bar on rank 0
     tensorboard: bool = True  # also write TensorBoard scalars (when tensorboard is installed)
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    # what makes this run this run (data file fingerprints, split, options: plain JSON data); resume
+    # refuses a checkpoint whose fingerprint differs. Stored normalised (a JSON round trip: tuples -> lists)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -127,6 +183,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+        self.fingerprint = _normalised_fingerprint(self.fingerprint)
 
 
 @dataclass
@@ -182,7 +239,7 @@ def cpu_has_native_bf16() -> bool:
         try:
             if fn is not None and bool(fn()):
                 return True
-        except Exception:  # a probe that cannot run on this build counts as "no"
+        except Exception:  # noqa: BLE001, S112 - a probe that cannot run on this build counts as "no"
             continue
     return False
 
@@ -225,6 +282,100 @@ def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _normalised_fingerprint(fp: Any) -> dict[str, Any]:
+    """``fp`` after a JSON round trip (tuples -> lists, keys -> str), or ConfigError when not JSON data."""
+    if not isinstance(fp, dict):
+        msg = f"TrainConfig.fingerprint must be a dict, got {type(fp).__name__}"
+        raise ConfigError(msg)
+    try:
+        return json.loads(json.dumps(fp, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        msg = f"TrainConfig.fingerprint must be plain JSON data (str, numbers, lists, dicts): {e}"
+        raise ConfigError(msg) from None
+
+
+def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two fingerprints differ (dicts compared key by key, other values whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old:
+                out.append(f"{path} (not in the checkpoint)")
+            elif k not in new:
+                out.append(f"{path} (only in the checkpoint)")
+            else:
+                out += fingerprint_diff(old[k], new[k], path)
+        return out
+    if old != new:
+        return [f"{prefix or '(whole)'}: {_short(old)} in the checkpoint, {_short(new)} now"]
+    return []
+
+
+def _short(v: Any, limit: int = 40) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+class _LoaderRng:
+    """Separate global RNG streams for the loader (see "Loader RNG isolation" in the module docstring).
+
+    ``start(epoch)`` marks a new epoch: the next :meth:`active` block begins from streams seeded
+    by ``(seed, rank, epoch)``. Inside ``with rng.active():`` the loader's streams are installed
+    (torch CPU, Python ``random``, NumPy legacy global); on exit they are saved and the training
+    streams restored exactly. The loader streams need no checkpointing: a resumed epoch is
+    re-iterated from its start (skipping consumed batches), which replays them.
+    """
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed, self.rank = seed % 2**63, rank
+        self._epoch = 0
+        self._state: tuple[Any, Any, Any] | None = None
+
+    def start(self, epoch: int) -> None:
+        self._epoch, self._state = epoch, None
+
+    @contextlib.contextmanager
+    def active(self):
+        saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+        try:
+            if self._state is None:
+                words = np.random.SeedSequence([self.seed, self.rank, self._epoch, 0x1DA7A]).generate_state(2)
+                s64 = (int(words[0]) << 32) | int(words[1])
+                torch.manual_seed(s64)
+                random.seed(s64)
+                np.random.seed(int(words[0]))
+            else:
+                torch.set_rng_state(self._state[0])
+                random.setstate(self._state[1])
+                np.random.set_state(self._state[2])
+            yield
+        finally:
+            self._state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def _params_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every parameter is finite: max |p| per tensor (one fused ``_foreach_norm(inf)`` kernel
+    on CUDA; NaN and inf propagate, no false positives), then one host sync for all of them.
+
+    Cost: one read of the parameters per optimiser step, well under the AdamW step itself (which
+    reads and writes parameters, gradients and two moment buffers).
+    """
+    if not params:
+        return True
+    with torch.no_grad():
+        tensors = [p.detach() for p in params]
+        try:
+            norms = torch._foreach_norm(tensors, ord=math.inf)
+        except (AttributeError, RuntimeError, TypeError):  # no foreach kernel for this device / dtype
+            norms = [torch.linalg.vector_norm(t, ord=math.inf) for t in tensors]
+        dev = norms[0].device
+        return bool(torch.isfinite(torch.stack([n.to(dev, torch.float32) for n in norms])).all().item())
+
+
 def _set_epoch(loader: Any, epoch: int) -> None:
     for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
                 getattr(loader, "dataset", None), loader):
@@ -262,10 +413,20 @@ def fit(
     split ``val``. ``count_fn(batch)`` counts the items (cells) in a micro-batch for the
     throughput figure. ``dist_info``: from :func:`init_distributed` (called here with
     ``config.device`` when omitted; with ``WORLD_SIZE > 1`` the model is wrapped in DDP).
-    ``extra_state`` is stored in checkpoints as is (e.g. the model config as a dict).
-    Returns a :class:`TrainResult`; the trained weights are in ``model``.
+    ``extra_state`` is stored in checkpoints as is (e.g. the model config as a dict); it
+    must be tensors and plain data (ConfigError otherwise, before training starts).
+    Returns a :class:`TrainResult`; the trained weights are in ``model``. Raises
+    :class:`DivergenceError` when training diverges and a ConfigError when resuming a
+    checkpoint of another run (different ``config.fingerprint``) or world size.
     """
     cfg = config
+    fingerprint = _normalised_fingerprint(cfg.fingerprint)  # again: a caller may have set it after init
+    extra = dict(extra_state or {})
+    bad = plain_data_problem(extra, "extra_state")
+    if bad is not None:
+        msg = (f"fit: extra_state must hold tensors and plain data only (checkpoints are loaded with "
+               f"weights_only=True), got {bad}")
+        raise ConfigError(msg)
     info = dist_info or init_distributed(cfg.device)
     device = info.device
     if cfg.deterministic:
@@ -289,8 +450,20 @@ def fit(
     ckpt_dir = out / "checkpoints" if out is not None else None
     step, epoch, pos = 0, 0, 0
     resumed_from: int | None = None
+    if ckpt_dir is not None and info.is_main:
+        remove_stale_temp_files(ckpt_dir)  # leftovers of checkpoint writes killed half-way
     state = load_checkpoint(ckpt_dir, map_location=device) if (ckpt_dir is not None and cfg.resume) else None
     if state is not None:
+        old_cfg = state.get("config", {})
+        diff = [f"TrainConfig.{d}" for d in fingerprint_diff(
+            {k: old_cfg.get(k) for k in _RESUME_KEYS}, {k: getattr(cfg, k) for k in _RESUME_KEYS})]
+        diff += fingerprint_diff(state.get("fingerprint", {}), fingerprint)
+        if diff:
+            shown = "; ".join(diff[:6]) + (f"; ... ({len(diff) - 6} more)" if len(diff) > 6 else "")
+            msg = (f"{ckpt_dir / CHECKPOINT_NAME}: the checkpoint belongs to a different run ({shown}); "
+                   f"start fresh with resume=false (celltwin train: --set resume=false; celltwin embed fit: "
+                   f"--no-resume) or remove {out}, or restore the original inputs and settings")
+            raise ConfigError(msg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -309,16 +482,37 @@ def fit(
     logger = MetricsLogger(out, resume_step=resumed_from, tensorboard=cfg.tensorboard) \
         if (out is not None and info.is_main) else None
 
+    params = list(model.parameters())
+    last_saved: list[int | None] = [resumed_from]  # step of the newest checkpoint on disk (None: none)
+
     def checkpoint() -> None:
+        if not _params_finite(params):  # identical on every rank: all raise together
+            diverged(f"non-finite parameters before writing the step-{step} checkpoint", step)
         rngs = gather_rng_states(device)  # collective
         if info.is_main and ckpt_dir is not None:
             save_checkpoint(ckpt_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "epoch": epoch, "pos": pos, "rng": rngs,
-                "config": asdict(cfg), "world_size": info.world_size, "extra": dict(extra_state or {}),
+                "config": {**asdict(cfg), "fingerprint": fingerprint}, "fingerprint": fingerprint,
+                "world_size": info.world_size,
+                "extra": extra,
             })
+            last_saved[0] = step
         barrier()
+
+    def diverged(what: str, at_step: int) -> None:
+        lr_now = scheduler.get_last_lr()[0]
+        if ckpt_dir is None:
+            kept = "no checkpoints are written (no out_dir)"
+        elif last_saved[0] is None:
+            kept = f"this run wrote no checkpoint yet in {ckpt_dir}"
+        else:
+            kept = f"the last good checkpoint (step {last_saved[0]}) is kept in {ckpt_dir / CHECKPOINT_NAME}"
+        msg = (f"training diverged at step {at_step} (epoch {epoch}): {what}; the learning rate was "
+               f"{lr_now:.3g} at this step (peak lr={cfg.lr:g}): lower it, e.g. lr={cfg.lr / 10:g}, "
+               f"and start fresh (resume=false); {kept}")
+        raise DivergenceError(msg)
 
     def validate() -> dict[str, float]:
         res: dict[str, float] = {}
@@ -332,20 +526,31 @@ def fit(
         barrier()
         return res
 
+    loader_rng = _LoaderRng(cfg.seed, info.rank)
+
     def batches() -> Iterable[Any]:
         """Endless stream of (batch) continuing from (epoch, pos); updates epoch/pos."""
         nonlocal epoch, pos
         while True:
-            _set_epoch(loader, epoch)
-            it = loader(epoch) if callable(loader) and not hasattr(loader, "__iter__") else loader
+            loader_rng.start(epoch)
+            with loader_rng.active():  # loader code never touches the training RNG streams
+                _set_epoch(loader, epoch)
+                src = loader(epoch) if callable(loader) and not hasattr(loader, "__iter__") else loader
+                it = iter(src)
             n = 0
-            for b in it:
+            while True:
+                with loader_rng.active():
+                    try:
+                        b = next(it)
+                    except StopIteration:
+                        break
                 if n < pos:  # resume: skip what this epoch already consumed
                     n += 1
                     continue
                 n += 1
                 pos = n
                 yield b
+            del it  # a finished DataLoader iterator: let its workers go now
             if n == 0:
                 msg = f"the training loader yielded no batch in epoch {epoch}"
                 raise ConfigError(msg)
@@ -373,6 +578,7 @@ def fit(
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
             n_items = 0
+            bad_loss: float | None = None
             for micro in range(cfg.grad_accum):
                 batch = move_to_device(next(stream), device)
                 if count_fn is not None:
@@ -387,17 +593,27 @@ def fit(
                         raise ConfigError(msg)
                     loss = parts["loss"]
                     if not torch.isfinite(loss.detach()):
-                        msg = f"non-finite loss {loss.item()} at step {step} (epoch {epoch}, batch {pos})"
-                        raise FloatingPointError(msg)
+                        bad_loss = float(loss.detach().float())
+                        if not ddp:  # stop before backward; in DDP every rank must reach the all-reduce
+                            diverged(f"non-finite loss ({bad_loss}) in batch {pos} of the epoch", step + 1)
                     scaler.scale(loss.float() / cfg.grad_accum).backward()
                 for k, v in parts.items():
                     window.setdefault(k, []).append(float(v.detach()))
+            if ddp and any_rank(bad_loss is not None, device):  # all ranks stop together
+                diverged("non-finite loss" + (f" ({bad_loss}) on this rank" if bad_loss is not None
+                                              else " on another rank"), step + 1)
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                window.setdefault("grad_norm", []).append(float(gnorm))
+                g = float(gnorm)
+                # with fp16 loss scaling an inf norm means "skip this step and lower the scale", not divergence
+                if not math.isfinite(g) and not scaler.is_enabled():
+                    diverged(f"non-finite gradient norm ({g})", step + 1)
+                window.setdefault("grad_norm", []).append(g)
             window.setdefault("lr", []).append(scheduler.get_last_lr()[0])
             scaler.step(optimizer)
+            if not _params_finite(params):  # grads synced in DDP: every rank sees the same parameters
+                diverged("non-finite parameters after the optimiser step", step + 1)
             scaler.update()
             scheduler.step()
             step += 1
@@ -423,6 +639,7 @@ def fit(
             last_val = validate() or last_val
             checkpoint()
     finally:
+        stream.close()  # releases the epoch's loader iterator (DataLoader workers) now
         if progress is not None:
             progress.stop()
         if logger is not None:
