@@ -1,14 +1,49 @@
-"""Small I/O helpers shared by every writer: atomic writes, so nothing is left half-written."""
+"""Small I/O helpers shared by every writer: nothing half-written, no input destroyed.
+
+* :func:`atomic_path`: one file, written to a temporary sibling and renamed onto its name.
+* :func:`atomic_dir`: a directory of files that appears all together or not at all.
+* :func:`check_outputs`: refuse (before any work) output paths that would overwrite an input,
+  clash with each other, or cannot be written.
+* :func:`clean_stale`: remove the temporary leftovers of killed runs.
+
+Temporary names (all next to the final path ``NAME``, in the same directory)::
+
+    .NAME.<pid>-<8 random chars>.tmp<suffix>   atomic_path: the file being written
+    .NAME.<pid>-<8 random chars>.tmpdir        atomic_dir: the directory being written (after the
+                                               swap it holds the previous content, then is removed)
+    .NAME.<pid>-<8 random chars>.olddir        atomic_dir without RENAME_EXCHANGE: the previous
+                                               content, moved aside for the swap
+
+Stale leftovers: every :func:`atomic_path` / :func:`atomic_dir` first removes the leftovers of
+*the same* ``NAME`` (in the same directory) that are older than :data:`STALE_AFTER_S` (1 hour,
+by the newest modification time inside them) *and* whose ``<pid>`` is not a live process on this
+machine, or that are older than :data:`STALE_ALWAYS_S` (24 hours) whatever their pid (a pid may be
+reused, or belong to another machine sharing the file system). A concurrent run writing the same
+``NAME`` is therefore never disturbed: its pid is alive (same machine) or its temp was written to
+within the hour (another machine). Leftovers of older celltwin versions (no pid in the name) are
+removed after 24 hours.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
+import re
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["STALE_AFTER_S", "STALE_ALWAYS_S", "atomic_dir", "atomic_path", "check_outputs", "clean_stale"]
+
+STALE_AFTER_S = 3600.0  # a leftover of a dead pid untouched this long is removed
+STALE_ALWAYS_S = 24 * 3600.0  # a leftover untouched this long is removed whatever its pid
+
+PathArg = str | os.PathLike[str] | None
 
 
 def _new_file_mode() -> int:
@@ -23,6 +58,80 @@ def _new_file_mode() -> int:
 
 
 _NEW_FILE_MODE = _new_file_mode()
+_NEW_DIR_MODE = _NEW_FILE_MODE | ((_NEW_FILE_MODE & 0o444) >> 2)  # + x wherever r (0o755 for umask 022)
+
+# .NAME.<pid>-<rand>.tmp... / .old... ; the pid part is absent in names of older versions
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[a-z0-9_]{8}\.(?:tmp|old)")
+
+
+# ---------------------------------------------------------------------------------------------
+# stale leftovers
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError, ValueError):
+        return True  # exists (another user's) or unknowable: keep
+    return True
+
+
+def _newest_mtime(path: str, limit: int = 10_000) -> float:
+    """Newest mtime of ``path`` and (for a directory) of what it holds, looking at ``limit`` entries."""
+    newest = os.lstat(path).st_mtime
+    if not os.path.isdir(path) or os.path.islink(path):
+        return newest
+    seen = 0
+    for root, dirs, files in os.walk(path):
+        for n in dirs + files:
+            seen += 1
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(root, n)).st_mtime)
+            if seen >= limit:
+                return newest
+    return newest
+
+
+def clean_stale(parent: str | os.PathLike[str], name: str, now: float | None = None) -> list[str]:
+    """Remove the stale temporary leftovers of ``NAME`` in ``parent`` (rules: module docstring).
+
+    Never raises (a leftover that cannot be removed is left); returns the removed names.
+    """
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TMP_RE.match(e.name)
+        if m is None or m.group("name") != name:
+            continue
+        try:
+            age = now - _newest_mtime(e.path)
+        except OSError:
+            continue
+        pid = m.group("pid")
+        dead = pid is not None and not _pid_alive(int(pid))
+        if not ((dead and age > STALE_AFTER_S) or age > STALE_ALWAYS_S):
+            continue
+        try:
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+            removed.append(e.name)
+        except OSError:
+            pass
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# one file
 
 
 @contextlib.contextmanager
@@ -33,12 +142,14 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     ``os.replace`` is atomic. On any exception the temporary file is removed and ``path``
     is left untouched (an existing file keeps its old content). The written file gets the
     permissions a plain ``open(path, "w")`` would give it (an existing file's mode, else
-    0o666 minus the umask), not ``mkstemp``'s private 0o600.
+    0o666 minus the umask), not ``mkstemp``'s private 0o600. Stale temporaries of ``path`` left by
+    killed runs are removed first (see the module docstring).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path.parent, path.name)
     sfx = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{sfx}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=f".tmp{sfx}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -54,3 +165,270 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# a directory of files
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    False when the system or the file system does not support it (then nothing happened).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _in_place(path: Path) -> bool:
+    """Whether ``path`` cannot be swapped by renames: a symlink, a mount point, the current
+    directory or one of its ancestors."""
+    if os.path.islink(path):
+        return True
+    if path.is_dir() and os.path.ismount(path):
+        return True
+    real = os.path.realpath(path)
+    cwd = os.path.realpath(os.getcwd())
+    return cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep)
+
+
+def _foreign(old: Path, new: Path, owned: Collection[str] | None) -> list[os.DirEntry] | None:
+    """Entries of ``old`` to keep in ``new`` (not written now, not owned, not a temp leftover);
+    None when one of them is not a regular file or a symlink, or there are too many to link."""
+    keep = []
+    for e in os.scandir(old):
+        if os.path.lexists(new / e.name) or (owned is not None and e.name in owned) or _TMP_RE.match(e.name):
+            continue
+        if not (e.is_symlink() or e.is_file(follow_symlinks=False)):
+            return None
+        keep.append(e)
+    return keep if len(keep) <= 1000 else None
+
+
+def _carry(entries: list[os.DirEntry], new: Path) -> None:
+    """Hard-link (copy when linking fails) the kept files / symlinks into ``new``."""
+    for e in entries:
+        dst = new / e.name
+        if e.is_symlink():
+            os.symlink(os.readlink(e.path), dst)
+            continue
+        try:
+            os.link(e.path, dst)
+        except OSError:
+            shutil.copy2(e.path, dst)
+
+
+def _commit_in_place(stage: Path, path: Path, owned: Collection[str] | None) -> None:
+    """Move the staged entries into ``path`` one by one, then drop owned entries not written now."""
+    written = set(os.listdir(stage))
+    for name in sorted(written):
+        src, dst = stage / name, path / name
+        if dst.is_dir() and not dst.is_symlink() and src.is_dir():
+            old = path / f".{name}.{os.getpid()}-{os.urandom(4).hex()[:8]}.olddir"
+            os.rename(dst, old)
+            os.rename(src, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        elif dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+            os.rename(src, dst)
+        else:
+            os.replace(src, dst)
+    for name in owned or ():
+        if name not in written and os.path.lexists(path / name):
+            p = path / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+    stage.rmdir()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], owned: Collection[str] | None = None) -> Iterator[Path]:
+    """Yield an empty staging directory; on success it replaces ``path`` in one atomic swap.
+
+    ``owned``: the top-level names this writer manages (e.g. ``results.csv``). Entries of an
+    existing ``path`` that the block did not write are kept (hard-linked into the new directory)
+    unless they are in ``owned`` (then they were written by an earlier run and are dropped, so
+    the directory never mixes two runs' files). ``None``: every entry not written now is kept.
+
+    Sequence (``P`` = ``path``, ``T`` = ``.NAME.<pid>-<rand>.tmpdir`` next to it):
+
+    1. remove stale leftovers of ``NAME``; ``mkdtemp`` ``T``; the block writes into ``T``.
+       A kill here: ``P`` untouched, ``T`` left (removed by a later run, see :func:`clean_stale`).
+    2. ``P`` absent: ``rename(T, P)``, done (atomic: ``P`` is absent or complete).
+    3. ``P`` present: hard-link its kept entries into ``T``; a kill: ``P`` untouched, ``T`` left.
+    4. ``renameat2(T, P, RENAME_EXCHANGE)``: one atomic step, after which ``P`` holds the new
+       content and ``T`` the old one; a kill before: old ``P``; after: new ``P`` + ``T`` left.
+    5. ``rmtree(T)``; a kill during it: new ``P`` + a partial ``T`` left (removed later).
+
+    Without RENAME_EXCHANGE (not Linux, or a file system without it) step 4 is
+    ``rename(P, O)`` (``O`` = ``.NAME.<pid>-<rand>.olddir``) then ``rename(T, P)``: a kill between
+    the two leaves no ``P``, the previous content in ``O`` and the complete new one in ``T``.
+
+    In-place mode (``P`` is a symlink, a mount point, the current directory or an ancestor of it,
+    the parent is not writable, or ``P`` holds kept entries other than regular files / symlinks or
+    more than 1000 of them): the staging directory is made inside ``P`` and its entries are
+    renamed into ``P`` one by one; each file is still atomic, the set is not (a kill mid-way
+    leaves some new files next to old ones).
+
+    On an exception in the block the staging directory is removed and ``P`` is left untouched.
+    """
+    path = Path(os.path.abspath(path))
+    parent = path.parent
+    if os.path.lexists(path) and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory (expected an output directory)", str(path))
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(parent, path.name)
+    in_place = _in_place(path)
+    stage: Path | None = None
+    if not in_place:
+        try:
+            prefix = f".{path.name}.{os.getpid()}-"
+            stage = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmpdir", dir=parent))
+        except PermissionError:
+            if not path.is_dir():
+                raise
+            in_place = True
+    if in_place:
+        path.mkdir(parents=True, exist_ok=True)
+        clean_stale(path, "celltwin")
+        stage = Path(tempfile.mkdtemp(prefix=f".celltwin.{os.getpid()}-", suffix=".tmpdir", dir=path))
+    assert stage is not None
+    try:
+        yield stage
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mode = _NEW_DIR_MODE
+        if in_place:
+            _commit_in_place(stage, path, owned)
+            return
+        os.chmod(stage, mode)
+        if not os.path.lexists(path):
+            try:
+                os.rename(stage, path)
+                return
+            except OSError as e:  # created meanwhile by someone else: swap with it below
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        keep = _foreign(path, stage, owned)
+        if keep is None:
+            _commit_in_place(stage, path, owned)
+            return
+        _carry(keep, stage)
+        if _exchange(stage, path):
+            shutil.rmtree(stage, ignore_errors=True)
+            return
+        old = stage.with_name(stage.name[: -len(".tmpdir")] + ".olddir")
+        os.rename(path, old)
+        try:
+            os.rename(stage, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# output path checks
+
+
+def _real(p: str | os.PathLike[str]) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def _same(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Same file: equal resolved paths, or both exist and share (st_dev, st_ino) (hard links too)."""
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(child: str | os.PathLike[str], parent: str | os.PathLike[str]) -> bool:
+    c, p = _real(child), _real(parent)
+    return c.startswith(p.rstrip(os.sep) + os.sep)
+
+
+def check_outputs(
+    outputs: Mapping[str, PathArg],
+    inputs: Mapping[str, PathArg] | None = None,
+    *,
+    dirs: Collection[str] = (),
+) -> None:
+    """Refuse output paths that would destroy an input or cannot be written; call before any work.
+
+    ``outputs`` / ``inputs``: flag (as the user knows it, e.g. ``"-o/--output"``) -> path; ``None``
+    paths (flag not given) are skipped. ``dirs``: the output flags naming a directory; every other
+    output is a file. Raises :class:`celltwin.errors.InputError` (CLI exit code 2) when
+
+    * an output is the same file as an input (same resolved path, or both exist and
+      ``os.path.samefile``: symlinks and hard links included);
+    * two outputs are the same path, or a file output lies inside a directory output;
+    * a file output is an existing directory, or a directory output an existing non-directory;
+    * the nearest existing ancestor of an output is not a directory (``file.txt/out.csv``) or is
+      not writable (an existing output directory must itself be writable).
+    """
+    from celltwin.errors import InputError
+
+    outs = [(f, os.fspath(p)) for f, p in outputs.items() if p is not None]
+    ins = [(f, os.fspath(p)) for f, p in (inputs or {}).items() if p is not None]
+    for flag, out in outs:
+        for iflag, inp in ins:
+            if _same(out, inp):
+                msg = (
+                    f"{flag} {out} is the same file as {iflag} {inp}; writing it would destroy the "
+                    f"input (choose another output path)"
+                )
+                raise InputError(msg)
+    for i, (flag, out) in enumerate(outs):
+        for flag2, out2 in outs[i + 1 :]:
+            if _same(out, out2):
+                msg = f"{flag} and {flag2} are the same path ({out}); give them different paths"
+                raise InputError(msg)
+            for (fa, a), (fb, b) in (((flag, out), (flag2, out2)), ((flag2, out2), (flag, out))):
+                if fa in dirs and fb not in dirs and _inside(b, a):
+                    msg = f"{fb} {b} lies inside the output directory {fa} {a}; write it elsewhere"
+                    raise InputError(msg)
+    for flag, out in outs:
+        p = Path(os.path.expanduser(out))
+        is_dir_out = flag in dirs
+        if p.exists():
+            if is_dir_out and not p.is_dir():
+                msg = f"{flag} {out}: is an existing file; expected an output directory"
+                raise InputError(msg)
+            if not is_dir_out and p.is_dir():
+                msg = f"{flag} {out}: is an existing directory; expected an output file path"
+                raise InputError(msg)
+        probe = p if (is_dir_out and p.is_dir()) else p.parent
+        anc = Path(os.path.abspath(probe))
+        while not os.path.lexists(anc) and anc != anc.parent:
+            anc = anc.parent
+        if not anc.is_dir():
+            msg = f"{flag} {out}: {anc} is not a directory, so nothing can be written under it"
+            raise InputError(msg)
+        if not os.access(anc, os.W_OK | os.X_OK):
+            msg = f"{flag} {out}: directory {anc} is not writable"
+            raise InputError(msg)

@@ -360,7 +360,12 @@ def prep_vcc(
         source=source,
     )
     out = Path(output)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+    # named like atomic_path's temporaries, so a killed run's leftover is removed by a later run
+    with tempfile.TemporaryDirectory(
+        prefix=f".{out.name}.{os.getpid()}-",
+        suffix=".tmpdir",
+        dir=out.parent if out.parent.exists() else None,
+    ) as tmp:
         h5 = Path(tmp) / "pred.h5ad"
         minimal.write_h5ad(h5)
         zst = Path(tmp) / "pred.h5ad.zst"
@@ -416,6 +421,9 @@ def read_pert_counts(
             header = rows[0].keys() if rows else []
     except FileNotFoundError:
         msg = f"{p}: counts file not found"
+        raise InputError(msg) from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        msg = f"{p}: cannot read the counts CSV ({type(e).__name__}: {e}); expected UTF-8 text with a header"
         raise InputError(msg) from None
     for col in (pert_col, counts_col):
         if col not in header:

@@ -6,7 +6,51 @@ import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["add_column_arguments", "columns_from_args", "parse_sets", "progress_callback"]
+__all__ = [
+    "add_column_arguments",
+    "columns_from_args",
+    "non_negative_int",
+    "parse_sets",
+    "positive_float",
+    "positive_int",
+    "progress_callback",
+]
+
+
+def _int(text: str, low: int, what: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        msg = f"expected {what}, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if v < low:
+        msg = f"expected {what}, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int(text, 1, "a positive integer (>= 1)")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int(text, 0, "a non-negative integer (>= 0)")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        msg = f"expected a finite number > 0, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return v
 
 
 @contextmanager

@@ -54,8 +54,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from celltwin._io import check_outputs
     from celltwin.vcc import write_cell_mean_baseline
 
+    check_outputs(
+        {
+            "-o/--output-path": args.output_path,
+            "-O/--output-de-path": None if args.skip_de else args.output_de_path,
+        },
+        {"-a/--adata": args.adata, "-c/--counts": args.counts},
+    )
     out = write_cell_mean_baseline(
         args.adata,
         args.output_path,

@@ -20,6 +20,31 @@ Example:
 """
 
 
+# what run_demo writes under DIR (an earlier run's entries of these names are replaced or removed;
+# any other file of DIR is kept)
+OUTPUT_NAMES = frozenset(
+    {"data.h5ad", "split.toml", "runs", "preds", "real.h5ad", "eval", "summary.csv", "report"}
+)
+
+
+def _retarget_run_meta(tmp, final) -> None:
+    """run.json files record the demo's data / split paths: point them at DIR, not the staging folder."""
+    import json
+    import os
+    from pathlib import Path
+
+    tmp_s, final_s = str(tmp), os.path.abspath(final)
+    for meta in Path(tmp).glob("runs/*/run.json"):
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+        changed = False
+        for key, value in doc.items():
+            if isinstance(value, str) and value.startswith(tmp_s):
+                doc[key] = final_s + value[len(tmp_s):]
+                changed = True
+        if changed:
+            meta.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="demo_out", help="output directory (default: demo_out)")
     p.add_argument("--preset", default="demo", help="simulator preset: tiny, demo (default: demo)")
@@ -32,13 +57,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from celltwin._io import atomic_dir, check_outputs
     from celltwin.demo import DemoConfig, run_demo
 
+    check_outputs({"-o/--output": args.output}, dirs={"-o/--output"})
     console = Console()
     models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
     cfg = DemoConfig(preset=args.preset, seed=args.seed, models=models, report=not args.no_report)
-    with console.status("running the demo") as status:
-        res = run_demo(args.output, cfg, log=lambda s: (console.log(s), status.update(s)))
+    # all of DIR's demo files appear together or not at all (a killed run leaves the previous ones)
+    with console.status("running the demo") as status, atomic_dir(args.output, owned=OUTPUT_NAMES) as tmp:
+        res = run_demo(tmp, cfg, log=lambda s: (console.log(s), status.update(s)))
+        _retarget_run_meta(tmp, args.output)
     table = Table(title=f"celltwin demo ({cfg.preset} preset): held-out perturbations of the target context")
     for col in res.table.columns:
         table.add_column(col, justify="left" if col == "model" else "right")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from celltwin.commands._common import add_column_arguments, columns_from_args, progress_callback
+from celltwin.commands._common import (
+    add_column_arguments,
+    columns_from_args,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    progress_callback,
+)
 
 HELP = "train the State Embedding model (fit) or write SE cell embeddings (transform)"
 DESCRIPTION = """\
@@ -46,7 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--hgnc", default=None, help="HGNC table (hgnc_genes.tsv) to map aliases / old symbols / Ensembl IDs"
     )
     f.add_argument(
-        "--gene-dim", type=int, default=64, help="size of the learned gene vectors without --genes (64)"
+        "--gene-dim",
+        type=positive_int,
+        default=64,
+        help="size of the learned gene vectors without --genes (64)",
     )
     f.add_argument(
         "--preset",
@@ -60,20 +70,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["mse", "energy", "mmd", "mse+energy", "mse+mmd"],
         help="training loss (default mse)",
     )
-    f.add_argument("--sentence-len", type=int, default=None, help="top genes per cell (preset's by default)")
-    f.add_argument("--n-mask", type=int, default=None, help="masked genes per cell (preset's by default)")
+    f.add_argument(
+        "--sentence-len", type=positive_int, default=None, help="top genes per cell (preset's by default)"
+    )
+    f.add_argument(
+        "--n-mask", type=positive_int, default=None, help="masked genes per cell (preset's by default)"
+    )
     f.add_argument("--dataset-key", default=None, help="obs column naming datasets (one [DS] token each)")
     f.add_argument(
         "--n-top-genes",
-        type=int,
+        type=positive_int,
         default=None,
         help="restrict the vocabulary to the N highly variable genes (seurat_v3) of the training cells",
     )
-    f.add_argument("--steps", type=int, default=1000, help="optimiser steps (1000)")
-    f.add_argument("--batch-size", type=int, default=32, help="cells per step (32)")
-    f.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (3e-4)")
-    f.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of --steps)")
-    f.add_argument("--ckpt-every", type=int, default=200, help="checkpoint every N steps (200)")
+    f.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps (1000)")
+    f.add_argument("--batch-size", type=positive_int, default=32, help="cells per step (32)")
+    f.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate (3e-4)")
+    f.add_argument(
+        "--warmup", type=non_negative_int, default=None, help="warmup steps (default 5%% of --steps)"
+    )
+    f.add_argument("--ckpt-every", type=positive_int, default=200, help="checkpoint every N steps (200)")
     f.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (CUDA untested here)")
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     f.add_argument("--seed", type=int, default=0)
@@ -89,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("model", help="model directory from `celltwin embed fit`")
     t.add_argument("data", help="input .h5ad")
     t.add_argument("-o", "--output", required=True, help="output .h5ad")
-    t.add_argument("--batch-size", type=int, default=256, help="cells per forward pass (256)")
+    t.add_argument("--batch-size", type=positive_int, default=256, help="cells per forward pass (256)")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (CUDA untested here)")
     t.add_argument(
         "--no-x",
@@ -102,7 +118,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from celltwin.models.se_runner import fit_state_embedding
+    from celltwin._io import check_outputs
+
+    check_outputs(
+        {"-o/--output": args.output},
+        {"--data": args.data, "--split": args.split, "--genes": args.genes, "--gene-list": args.gene_list,
+         "--hgnc": args.hgnc},
+        dirs={"-o/--output"},
+    )
+    cells = None
+    if args.split is not None:  # read and check the split before the (slow) torch import
+        from celltwin.data.source import H5adSource
+        from celltwin.data.split import read_split, resolve_split
+        from celltwin.predict import resolve_columns
+
+        split = read_split(args.split)
+        obs = H5adSource(args.data).obs
+        cols = resolve_columns(obs, columns_from_args(args), args.data)
+        cells = resolve_split(split, obs, cols, where=args.data).train
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"training on the {cells.size} training cells of {args.split}")
+    from celltwin.models.se_runner import fit_state_embedding  # torch: after the cheap checks
     from celltwin.models.state_embedding import StateEmbeddingConfig
     from celltwin.train import TrainConfig
 
@@ -125,17 +161,6 @@ def _fit(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         log_every=10,
     )
-    cells = None
-    if args.split is not None:
-        from celltwin.data.source import H5adSource
-        from celltwin.data.split import read_split, resolve_split
-        from celltwin.predict import resolve_columns
-
-        obs = H5adSource(args.data).obs
-        cols = resolve_columns(obs, columns_from_args(args), args.data)
-        cells = resolve_split(read_split(args.split), obs, cols, where=args.data).train
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"training on the {cells.size} training cells of {args.split}")
     res = fit_state_embedding(
         args.data,
         args.output,
@@ -162,6 +187,9 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _transform(args: argparse.Namespace) -> int:
     from celltwin._constants import EMBED_KEY
+    from celltwin._io import check_outputs
+
+    check_outputs({"-o/--output": args.output}, {"MODEL": args.model, "DATA": args.data, "--hgnc": args.hgnc})
     from celltwin.models.se_runner import transform
 
     kw = dict(

@@ -92,7 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from celltwin._io import check_outputs
     from celltwin.eval import EvalConfig, evaluate
+
+    check_outputs(
+        {"-o/--outdir": args.outdir}, {"--pred": args.pred, "--real": args.real}, dirs={"-o/--outdir"}
+    )
 
     cfg = EvalConfig(
         profile=args.profile,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from celltwin.commands._common import progress_callback
+from celltwin.commands._common import positive_int, progress_callback
 
 HELP = "gene embeddings: embed proteins with a local ESM-2 model (embed), check coverage (coverage)"
 DESCRIPTION = """\
@@ -32,8 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--fasta", required=True, help="protein FASTA (isoforms mapped to genes by header)")
     e.add_argument("--model", required=True, help="local ESM-2 checkpoint directory (transformers format)")
     e.add_argument("-o", "--output", required=True, help="output .safetensors table")
-    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
-    e.add_argument("--max-residues", type=int, default=1022, help="truncate longer sequences (1022)")
+    e.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (8)")
+    e.add_argument("--max-residues", type=positive_int, default=1022, help="truncate longer sequences (1022)")
     e.add_argument("--layer", type=int, default=-1, help="hidden layer to pool (-1 = last)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:K (CUDA untested here)")
     e.add_argument("--no-progress", action="store_true")
@@ -47,8 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from celltwin._io import check_outputs
     from celltwin.genes import embed_fasta, save_gene_table
 
+    check_outputs({"-o/--output": args.output}, {"--fasta": args.fasta, "--model": args.model})
     with progress_callback("embedding proteins", "", not args.no_progress) as cb:
         table = embed_fasta(args.fasta, args.model, batch_size=args.batch_size, max_residues=args.max_residues,
                             device=args.device, layer=args.layer, progress=cb)
@@ -58,10 +60,14 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _coverage(args: argparse.Namespace) -> int:
-    from celltwin._io import atomic_path
+    from celltwin._io import atomic_path, check_outputs
     from celltwin.data.source import H5adSource
     from celltwin.genes import HgncIndex, align_gene_table, load_gene_table
 
+    check_outputs(
+        {"--missing": args.missing},
+        {"TABLE": args.table, "DATA": args.data, "--gene-list": args.gene_list, "--hgnc": args.hgnc},
+    )
     table = load_gene_table(args.table, args.gene_list)
     genes = [str(g) for g in H5adSource(args.data).var_names]
     index = HgncIndex.from_tsv(args.hgnc) if args.hgnc else None

@@ -78,9 +78,11 @@ def _default_output(path: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from celltwin._io import check_outputs
     from celltwin.vcc import prep_vcc
 
     out = args.output or _default_output(args.input)
+    check_outputs({"-o/--output": out}, {"-i/--input": args.input, "-g/--genes": args.genes})
     res = prep_vcc(
         args.input,
         args.genes,

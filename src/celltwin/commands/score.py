@@ -25,9 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from celltwin._io import atomic_path
+    from celltwin._io import atomic_path, check_outputs
     from celltwin.eval import score
 
+    check_outputs(
+        {"-o/--output": args.output}, {"-i/--user-input": args.user_input, "-I/--base-input": args.base_input}
+    )
     table = score(args.user_input, args.base_input)
     with atomic_path(args.output) as tmp:
         table.to_csv(tmp, index=False)

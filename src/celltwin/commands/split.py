@@ -21,11 +21,16 @@ Every other context is training data. The dataset is named after the file (dots 
 
 
 def _number(text: str) -> float:
+    import math
+
     try:
         v = float(text)
     except ValueError:
         msg = f"expected a count or a fraction, got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
+    if not math.isfinite(v) or v < 0:
+        msg = f"expected a count (N >= 1) or a fraction in (0, 1), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
     return v
 
 
@@ -63,11 +68,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from celltwin._constants import CONTROL_LABEL, PERT_COL
+    from celltwin._io import check_outputs
     from celltwin.data.columns import ObsColumns
     from celltwin.data.source import H5adSource
     from celltwin.data.split import make_split, resolve_split
     from celltwin.errors import ConfigError
 
+    check_outputs({"-o/--output": args.output}, {"DATA": args.data})
     src = H5adSource(args.data)
     cols = ObsColumns(
         pert_col=args.pert_col or PERT_COL,

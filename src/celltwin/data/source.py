@@ -86,6 +86,11 @@ def _read_csr_rows(data, indices, indptr: np.ndarray, n_cols: int, rows: np.ndar
     return sp.csr_matrix((dat, ind, new_ptr), shape=(rows.size, n_cols))
 
 
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _to_float32(block: Any) -> Matrix:
     """Dense -> float32 ndarray; sparse -> float32 CSR with sorted indices."""
     if sp.issparse(block):
@@ -136,9 +141,11 @@ class H5adSource:
                     self._format = enc[:3]
                     self._shape = tuple(int(s) for s in x.attrs["shape"])
                 self._obsm_keys = sorted(f["obsm"].keys()) if "obsm" in f else []
-        except OSError as e:
-            msg = f"{self.path}: cannot read as HDF5/.h5ad ({e})"
-            raise InputError(msg) from e
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - h5py / anndata raise many types on corrupted files
+            msg = f"{self.path}: cannot read as HDF5/.h5ad ({type(e).__name__}: {_one_line(e)})"
+            raise InputError(msg) from None
         self._file = None
         self._pid = -1
         self._readers: dict = {}
@@ -240,6 +247,19 @@ class H5adSource:
         """
         idx = _as_index(idx, self.n_obs, self.name)
         uniq, inverse = np.unique(idx, return_inverse=True)
+        try:
+            block = self._read_unique(uniq, obsm_key)
+        except InputError:
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+            what = "X" if obsm_key is None else f"obsm[{obsm_key!r}]"
+            msg = f"{self.path}: cannot read rows of {what} ({type(e).__name__}: {_one_line(e)}); the file may be corrupted"
+            raise InputError(msg) from None
+        if idx.size == uniq.size and np.array_equal(idx, uniq):  # already sorted and unique
+            return block
+        return block[inverse]
+
+    def _read_unique(self, uniq: np.ndarray, obsm_key: str | None) -> Matrix:
         r = self._reader(obsm_key)
         if r[0] == "dense":
             elem = r[1]
@@ -253,10 +273,7 @@ class H5adSource:
             block = _read_csr_rows(*r[1:], uniq)
         else:
             block = r[1][uniq]
-        block = _to_float32(block)
-        if idx.size == uniq.size and np.array_equal(idx, uniq):  # already sorted and unique
-            return block
-        return block[inverse]
+        return _to_float32(block)
 
     def __repr__(self) -> str:
         return f"H5adSource({str(self.path)!r}, n_obs={self.n_obs}, n_vars={self.n_vars}, X={self._format})"
@@ -315,7 +332,7 @@ class MemorySource:
 
 def open_source(data: Any) -> H5adSource | MemorySource:
     """A source for ``data``: a path to an ``.h5ad`` (read lazily), an AnnData, or an existing source."""
-    if isinstance(data, H5adSource | MemorySource):
+    if isinstance(data, H5adSource | MemorySource) or hasattr(data, "read_model"):  # or a CellDataset
         return data
     if isinstance(data, str | os.PathLike):
         return H5adSource(data)

@@ -158,20 +158,45 @@ class Split:
 
 
 def read_split(path: str | os.PathLike[str]) -> Split:
-    """Parse a split TOML file; ConfigError (naming the file) on syntax or schema errors."""
+    """Parse a split TOML file; InputError / ConfigError (naming the file) on any bad content.
+
+    InputError: the file is missing, not a regular file, unreadable, or not UTF-8 text.
+    ConfigError: invalid TOML, or TOML that is not a split (unknown or mistyped sections / values).
+    """
     p = Path(path)
     if not p.exists():
         msg = f"{p}: split file not found"
         raise InputError(msg)
+    if not p.is_file():
+        msg = f"{p}: expected a split .toml file, got a directory or special file"
+        raise InputError(msg)
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        raw = p.read_bytes()
+    except OSError as e:
+        msg = f"{p}: cannot read the split file ({e.strerror or e})"
+        raise InputError(msg) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.start + 1]
+        msg = f"{p}: not a UTF-8 text file (byte {e.start}: {bad!r}); expected a split .toml"
+        raise InputError(msg) from None
+    try:
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         msg = f"{p}: invalid TOML ({e})"
         raise ConfigError(msg) from e
+    except (ValueError, RecursionError) as e:  # e.g. deeply nested arrays
+        msg = f"{p}: invalid TOML ({type(e).__name__}: {e})"
+        raise ConfigError(msg) from None
     unknown = sorted(set(doc) - {"datasets", "training", "zeroshot", "fewshot"})
     if unknown:
         msg = f"{p}: unknown section(s) {', '.join(unknown)}; expected datasets, training, zeroshot, fewshot"
         raise ConfigError(msg)
+    for sec in ("datasets", "training", "zeroshot", "fewshot"):
+        if sec in doc and not isinstance(doc[sec], dict):
+            msg = f"{p}: [{sec}] must be a table (section), got {type(doc[sec]).__name__} {doc[sec]!r:.60}"
+            raise ConfigError(msg)
     if not doc.get("datasets"):
         msg = f"{p}: [datasets] is missing or empty"
         raise ConfigError(msg)
@@ -180,10 +205,17 @@ def read_split(path: str | os.PathLike[str]) -> Split:
         if bad:
             msg = f"{p}: [{sec}] values must be strings; not for {', '.join(bad)}"
             raise ConfigError(msg)
-    fewshot = {
-        k: {r: list(v) for r, v in e.items()} if isinstance(e, dict) else e
-        for k, e in doc.get("fewshot", {}).items()
-    }
+    fewshot: dict = {}
+    for k, e in doc.get("fewshot", {}).items():
+        if not isinstance(e, dict):
+            got = type(e).__name__
+            msg = f"{p}: [fewshot.{json.dumps(k)}] must be a table with 'val' / 'test' lists, got {got}"
+            raise ConfigError(msg)
+        for r, v in e.items():
+            if not isinstance(v, list):
+                msg = f"{p}: [fewshot.{json.dumps(k)}] {r} must be a list of strings, got {type(v).__name__}"
+                raise ConfigError(msg)
+        fewshot[k] = {r: list(v) for r, v in e.items()}
     return Split(
         datasets=dict(doc["datasets"]),
         training=dict(doc.get("training", {})),

@@ -70,6 +70,14 @@ _DE_METRICS = frozenset(
 PROFILES = tuple(PROFILE_METRICS)
 #: File formats of the DE tables written by :meth:`EvalResult.write`.
 DE_FORMATS = ("parquet", "csv", "none")
+_MIN_CLUSTER_PERTS = 3  # clustering_agreement: kNN graph of the perturbation centroids
+# every name EvalResult.write may write: an earlier run's file of these names that this run does
+# not write (e.g. de_counts.png after --profile pds) is dropped, so an output directory never
+# mixes two runs; any other file of the directory is kept
+OUTPUT_NAMES = frozenset(
+    {"results.csv", "agg_results.csv", "report.md", "scores.png", "effects.png", "de_counts.png"}
+    | {f"{side}_de.{fmt}" for side in ("real", "pred") for fmt in ("parquet", "csv")}
+)
 DEFormat = Literal["parquet", "csv", "none"]
 DEFAULT_CACHE_DIR = Path("~/.cache/celltwin").expanduser()
 
@@ -164,22 +172,27 @@ class EvalResult:
         columns and number formatting, polars' CSV writer); ``"none"`` skips them. The tables
         are the same in every format; parquet keeps the dtypes (float32 means stay float32) and
         is about 3x smaller and 5x faster to write than CSV at 18,080 genes, which matters for
-        tables of one row per (perturbation, gene). Every file is written atomically (nothing
-        half-written). Returns the written paths.
+        tables of one row per (perturbation, gene). The files appear all together or not at all:
+        they are written into a temporary sibling directory swapped in at the end
+        (:func:`celltwin._io.atomic_dir`; other files already in ``outdir`` are kept, an earlier
+        run's files of :data:`OUTPUT_NAMES` are replaced or removed). Returns the written paths.
         """
-        from celltwin._io import atomic_path
+        from celltwin._io import atomic_dir
 
         if de_format not in DE_FORMATS:
             msg = f"EvalResult.write: de_format must be one of {', '.join(DE_FORMATS)}, got {de_format!r}"
             raise ConfigError(msg)
-        out = Path(outdir)
-        out.mkdir(parents=True, exist_ok=True)
+        final = Path(outdir)
+        with atomic_dir(final, owned=OUTPUT_NAMES) as out:
+            written = self._write_files(out, report=report, de_format=de_format)
+        return [final / p.relative_to(out) for p in written]
+
+    def _write_files(self, out: Path, *, report: bool, de_format: DEFormat) -> list[Path]:
         written: list[Path] = []
 
         def _csv(df, name: str, nulls: dict[str, np.ndarray]) -> None:
             path = out / name
-            with atomic_path(path) as tmp:
-                tmp.write_text(_to_csv(df, nulls))
+            path.write_text(_to_csv(df, nulls), encoding="utf-8")
             written.append(path)
 
         _csv(self.results, "results.csv", self.nulls)
@@ -193,8 +206,7 @@ class EvalResult:
             ]
 
         def _de(item: tuple[Path, Any]) -> Path:
-            with atomic_path(item[0]) as tmp:
-                write_de_table(item[1], tmp, de_format)
+            write_de_table(item[1], item[0], de_format)
             return item[0]
 
         # the two DE tables are written concurrently: polars formats and writes without the GIL
@@ -446,6 +458,17 @@ def evaluate(
             del ad_pred
         p = _align_genes(r, p, cfg.reorder_genes)
         perts = _check_perts(r, p, cfg.control, cfg.pert_col)
+        if "clustering_agreement" in metric_names and len(perts) < _MIN_CLUSTER_PERTS:
+            # scanpy's kNN graph of the perturbation centroids needs >= 2 neighbours (cell-eval
+            # crashes with "Maximum allowed size exceeded"): leave the column out, like without scanpy
+            import warnings
+
+            warnings.warn(
+                f"clustering_agreement skipped: it needs at least {_MIN_CLUSTER_PERTS} perturbations "
+                f"(got {len(perts)}); every other metric of the profile is computed",
+                stacklevel=2,
+            )
+            metric_names = tuple(m for m in metric_names if m != "clustering_agreement")
         names = np.unique(r.labels)  # all labels, control included, sorted
         ctrl = int(np.searchsorted(names, cfg.control))
         if cfg.control_source == "real":

@@ -99,7 +99,7 @@ def write_report(result: Any, outdir: Path) -> list[Path]:
             lines.append(f"| {p} | {n_real[i]} | {n_pred[i]} | {vals} |")
     path = out / "report.md"
     with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     written.append(path)
     return written
 

@@ -57,6 +57,19 @@ def _read(obj: Any, which: str):
     return obj
 
 
+def _numbers(df, row: int, metrics: list[str], name: Any, statistic: str) -> np.ndarray:
+    """The ``statistic`` row's metric values as float64; InputError naming the first non-number."""
+    out = np.empty(len(metrics), dtype=np.float64)
+    for i, m in enumerate(metrics):
+        v = df.loc[row, m]
+        try:
+            out[i] = np.nan if v is None or (isinstance(v, str) and not v.strip()) else float(v)
+        except (TypeError, ValueError):
+            msg = f"{name}: column {m!r} of the {statistic!r} row must be a number, got {v!r}"
+            raise InputError(msg) from None
+    return out
+
+
 def score(agg: Any, baseline_agg: Any, *, statistic: str = "mean"):
     """Score ``agg`` against ``baseline_agg`` (paths or DataFrames) -> DataFrame ``metric, from_baseline``."""
     import pandas as pd
@@ -76,8 +89,8 @@ def score(agg: Any, baseline_agg: Any, *, statistic: str = "mean"):
         msg = f"{name_u if rows_u.size == 0 else name_b}: no {statistic!r} row in column 'statistic'"
         raise InputError(msg)
     metrics = [c for c in u.columns if c != "statistic"]
-    uv = u.loc[rows_u[0], metrics].to_numpy(dtype=np.float64)
-    bv = b.loc[rows_b[0], metrics].to_numpy(dtype=np.float64)
+    uv = _numbers(u, rows_u[0], metrics, name_u, statistic)
+    bv = _numbers(b, rows_b[0], metrics, name_b, statistic)
     zero = [i for i, m in enumerate(metrics) if m in BEST_ZERO]
     one = [i for i, m in enumerate(metrics) if m in BEST_ONE]
     with np.errstate(divide="ignore", invalid="ignore"):
