@@ -12,8 +12,9 @@ import scipy.sparse as sp
 
 from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
-from celltwin.predict import (MODELS, PredictRequest, load_predictor, predict_cells, predict_from_files,
-                              read_counts_csv, read_run, summarize_sources, train_run)
+from celltwin.pipeline import predict_from_files, train_from_files
+from celltwin.predict import (MODELS, PredictRequest, load_predictor, predict_cells, read_counts_csv, read_run,
+                              summarize_sources, train_run)
 
 GENES = ["a", "b", "c"]
 
@@ -44,7 +45,7 @@ def test_registry_lists_every_baseline():
 def test_train_run_writes_a_complete_run(tmp_path, kind):
     meta = train_run("cell-mean", _log_adata(kind), tmp_path / "run", extra_meta={"note": "x"})
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["baseline.npz", "genes.txt", "preprocess.json", "run.json"]
+    assert names == ["baseline.npz", "genes.txt", "inputs.json", "preprocess.json", "run.json"]
     meta2, genes = read_run(tmp_path / "run")
     assert meta2["model"] == "cell-mean" and meta2["note"] == "x" and meta == meta2
     assert meta2["preprocess"]["target_sum"] is None  # log input passes through
@@ -177,7 +178,7 @@ def test_predict_counts_and_write_real(tmp_path):
         assert any(np.allclose(r, c + [1, 0, 0]) for c in ctrl)
     real = ad.read_h5ad(tmp_path / "real.h5ad")
     assert real.obs[PERT_COL].astype(str).tolist() == [CONTROL_LABEL, CONTROL_LABEL, "a", "a"]
-    np.testing.assert_array_equal(np.asarray(real.X), np.asarray(a.X)[:4])
+    np.testing.assert_array_equal(real.X.toarray(), np.asarray(a.X)[:4])  # streamed: always CSR
 
 
 def test_predict_errors(tmp_path):

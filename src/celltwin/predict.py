@@ -1,4 +1,8 @@
-"""The model registry, run directories, and the shared prediction writer.
+"""The model registry, run directories, ``train_run`` and the in-memory prediction writer.
+
+The file-level flows of ``celltwin train`` / ``celltwin predict`` (streamed from disk, several
+files, bounded memory) are in :mod:`celltwin.pipeline`; this module holds what they share with
+library use on an in-memory AnnData.
 
 Registry contract (``MODELS``): a model name maps to ``("module:train_fn", "module:load_fn")``.
 
@@ -58,7 +62,6 @@ __all__ = [
     "MODELS",
     "Predictor",
     "TrainRequest",
-    "register_model",
     "get_train_fn",
     "load_predictor",
     "train_run",
@@ -66,7 +69,6 @@ __all__ = [
     "PredictRequest",
     "predict_cells",
     "read_counts_csv",
-    "to_counts",
 ]
 
 _B = "celltwin.baselines"
@@ -97,26 +99,39 @@ class Predictor(Protocol):
 class TrainRequest:
     """What a model's train function receives.
 
-    ``adata``: the training cells only, X float32 in model space (dense or CSR), genes in the
-    training order, ``obs[PERT_COL]`` (controls = ``CONTROL_LABEL``) and ``obs[CONTEXT_COL]`` (str)
-    always present (renamed from the data's own columns), other obs columns kept.
+    ``data``: a :class:`celltwin.data.dataset.CellDataset` (one or more files, read lazily;
+    canonical labels in ``data.obs``); ``rows``: the training cells (sorted global row ids).
+    Models read what they need block by block (``data.read_model(rows, preprocess)``): nothing
+    holds a dense matrix of all training cells.
+    ``preprocess``: the run's :class:`celltwin.data.preprocess.Preprocessing`; its ``genes`` are the
+    run's *output* genes (what ``celltwin predict`` writes).
+    ``input_genes``: the genes a model reads as input when they differ from the output genes
+    (``--hvg N`` with output space ``all``), else ``None``. ``embed_key``: read the input from
+    ``obsm[embed_key]`` instead (``--embed-key``). ``output_space``: ``gene`` | ``all`` |
+    ``embedding`` (see :class:`celltwin.data.inputs.InputConfig`).
     ``options``: ``--set key=value`` strings, parsed and validated by the model's config.
-    ``preprocess``: the run's :class:`celltwin.data.preprocess.Preprocessing` (how ``adata.X``
-    was made from the file; ``None`` = unknown, taken as already log-normalised). The
-    embedding-space ST uses it to put cells into its SE model's own normalisation.
     """
 
     model: str
-    adata: ad.AnnData
+    data: Any  # celltwin.data.dataset.CellDataset
+    rows: np.ndarray
     run_dir: Path
+    preprocess: Any
     seed: int = 0
     options: dict[str, str] = field(default_factory=dict)
-    preprocess: Any = None
+    input_genes: list[str] | None = None
+    embed_key: str | None = None
+    output_space: str = "gene"
+    fingerprint: dict = field(default_factory=dict)  # data files + rows + preprocessing (resume checks)
 
+    @property
+    def obs(self) -> pd.DataFrame:
+        """Canonical labels of the training cells (``PERT_COL``, ``CONTEXT_COL``, ``BATCH_COL``, ...)."""
+        return self.data.obs.iloc[self.rows]
 
-def register_model(name: str, train: str, load: str) -> None:
-    """Add ``name`` to :data:`MODELS` (``"module:function"`` strings, imported on use)."""
-    MODELS[name] = (train, load)
+    @property
+    def genes(self) -> list[str]:
+        return list(self.preprocess.genes)
 
 
 def _resolve(ref: str):
@@ -155,48 +170,57 @@ def load_predictor(run_dir: str | Path) -> Predictor:
 
 
 # ---------------------------------------------------------------------------- training
-def train_run(model: str, adata: ad.AnnData, run_dir: str | Path, seed: int = 0,
+def train_run(model: str, data, run_dir: str | Path, seed: int = 0,
               options: dict[str, str] | None = None, extra_meta: dict | None = None,
-              n_top_genes: int | None = None) -> dict:
-    """Fit the preprocessing on ``adata`` (training cells, canonical obs), train ``model``, write the run.
+              n_top_genes: int | None = None, rows: np.ndarray | None = None, inputs=None) -> dict:
+    """Fit the preprocessing on the training cells, train ``model``, write the run.
 
-    ``adata.X`` may hold counts or log-normalised values (see the module docstring);
-    ``n_top_genes`` keeps the seurat_v3 highly variable genes of the training cells.
-    Writes ``preprocess.json``, ``genes.txt``, the model files and ``run.json``; returns run.json.
+    ``data``: an AnnData with canonical obs (``PERT_COL``, ``CONTEXT_COL``; every cell trains) or a
+    :class:`celltwin.data.dataset.CellDataset` with ``rows`` (default: every cell). X may hold
+    counts or log-normalised values (see the module docstring). ``inputs``: a
+    :class:`celltwin.data.inputs.InputConfig` (``--hvg``, ``--embed-key``, ``--output-space``);
+    ``n_top_genes`` is the older spelling of ``InputConfig(hvg=N, output_space="gene")``.
+    Everything is read block by block (totals, HVG statistics, the models' own passes).
+    Writes ``preprocess.json``, ``genes.txt`` (output genes), ``input_genes.txt`` (when the input
+    genes differ), the model files and ``run.json``; returns run.json's content.
     """
-    import anndata as ad
-
-    from celltwin.data.preprocess import fit_preprocessing
+    from celltwin.data.dataset import CellDataset
+    from celltwin.data.inputs import InputConfig, fit_inputs
 
     train_fn = get_train_fn(model)
     run_dir = Path(run_dir)
-    for col in (PERT_COL, CONTEXT_COL):
-        if col not in adata.obs:
-            msg = f"training data: obs[{col!r}] missing (expected canonical columns; see celltwin.predict)"
-            raise InputError(msg)
-    if adata.n_obs == 0:
+    if not isinstance(data, CellDataset):
+        for col in (PERT_COL, CONTEXT_COL):
+            if col not in data.obs:
+                msg = f"training data: obs[{col!r}] missing (expected canonical columns; see celltwin.predict)"
+                raise InputError(msg)
+        data = CellDataset.from_anndata(data)
+    rows = np.arange(data.n_obs, dtype=np.int64) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+    if rows.size == 0:
         msg = "training data: the split selects 0 training cells"
         raise InputError(msg)
-    pre = fit_preprocessing(adata, n_top_genes=n_top_genes)
-    Xm = pre.transform(adata.X, pre.gene_index(adata.var_names, "training data"))
-    obs = adata.obs.copy()
-    obs[PERT_COL] = obs[PERT_COL].astype(str).values
-    obs[CONTEXT_COL] = obs[CONTEXT_COL].astype(str).values
-    mdata = ad.AnnData(X=Xm, obs=obs, var=pd_index_frame(pre.genes))
+    if inputs is None:
+        inputs = InputConfig(hvg=n_top_genes, output_space="gene" if n_top_genes else "")
+    fitted = fit_inputs(data, rows, inputs, model)
+    pre = fitted.preprocess
     run_dir.mkdir(parents=True, exist_ok=True)
-    req = TrainRequest(model=model, adata=mdata, run_dir=run_dir, seed=seed, options=dict(options or {}),
-                       preprocess=pre)
+    req = TrainRequest(model=model, data=data, rows=rows, run_dir=run_dir, preprocess=pre, seed=seed,
+                       options=dict(options or {}), input_genes=fitted.input_genes, embed_key=inputs.embed_key,
+                       output_space=fitted.output_space, fingerprint=fitted.fingerprint)
     extra = train_fn(req) or {}
     pre.save(run_dir)
+    fitted.save(run_dir)
     meta = {
         "model": model,
         "celltwin_version": __version__,
         "preprocess": pre.to_dict(),
+        "inputs": fitted.to_dict(),
         "control_label": CONTROL_LABEL,
-        "n_train_cells": int(adata.n_obs),
+        "n_train_cells": int(rows.size),
         "n_genes": len(pre.genes),
         "seed": seed,
         "options": dict(options or {}),
+        "data_fingerprint": fitted.fingerprint,
         **(extra_meta or {}),
         **extra,
     }
@@ -349,189 +373,6 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
     except Exception as e:  # noqa: BLE001 - h5py / anndata raise many types
         msg = f"data file {p}: cannot read as .h5ad ({type(e).__name__}: {e})"
         raise InputError(msg) from None
-
-
-def _subset_rows(X, mask: np.ndarray):
-    return X[np.flatnonzero(mask)]
-
-
-def train_from_files(model: str, data: str | Path, split: str | Path, out: str | Path, *, seed: int = 0,
-                     options: dict[str, str] | None = None, columns=None) -> dict:
-    """``celltwin train``: read ``data``, keep the split's training cells, train ``model`` into ``out``."""
-    import anndata as ad
-
-    _entry(model)  # unknown model names fail before any reading
-    adata = read_h5ad(data)
-    rs = resolve_split(adata, split, columns, where=str(data))
-    obs = canonical_obs(adata, rs.columns)
-    sub = ad.AnnData(X=_subset_rows(adata.X, rs.train_mask), obs=obs.iloc[np.flatnonzero(rs.train_mask)],
-                     var=adata.var[[]].copy())
-    extra = {"data": str(data), "split": str(split), "columns": rs.columns.to_dict(),
-             "test_pairs": [list(p) for p in rs.test_pairs]}
-    return train_run(model, sub, out, seed=seed, options=options, extra_meta=extra)
-
-
-def _controls_from_file(path: str | Path, pre, columns):
-    """``(model-space controls, raw control rows)`` of ``path`` (rows labelled as controls when the
-    file has the perturbation column, else every row). The file must be on the training data's
-    scale (counts or log-normalised), as the run's preprocessing is applied unchanged."""
-    a = read_h5ad(path)
-    idx = pre.gene_index(a.var_names, f"controls file {path}")
-    rows = np.arange(a.n_obs)
-    if columns is not None and columns.pert_col in a.obs.columns:
-        rows = np.flatnonzero(columns.perturbations(a.obs) == columns.control_label)
-    if rows.size == 0:
-        msg = f"controls file {path}: no control cells (obs[{columns.pert_col!r}] == {columns.control_label!r})"
-        raise InputError(msg)
-    raw = a.X[rows]
-    return pre.transform(raw, idx), raw, idx
-
-
-def to_counts(pred: ad.AnnData, raw_controls, gene_idx: np.ndarray, target_sum: float | None, seed: int,
-              dist: str = "poisson", theta: float = 10.0) -> ad.AnnData:
-    """``pred`` (model space, predicted rows then the controls) with integer counts in ``X``.
-
-    Predicted cells: counts drawn by :func:`celltwin.data.preprocess.sample_counts` (Poisson or
-    negative binomial around ``expm1(x) * L / T``), each cell's library size ``L`` drawn with
-    replacement from the totals (over all the file's genes) of the context's real control cells,
-    ``numpy.random.default_rng([seed, 7])``. Control rows: the real control cells' own counts
-    (the run's genes). Needs a run trained on counts (``target_sum`` known).
-    """
-    import scipy.sparse as sp
-
-    from celltwin.data.preprocess import library_sizes, looks_like_counts, sample_counts
-
-    if target_sum is None:
-        msg = ("--sample-counts: the run was trained on log-normalised data (no normalize_total target), "
-               "so there is no count scale to sample on")
-        raise ConfigError(msg)
-    import anndata as ad
-
-    if not looks_like_counts(ad.AnnData(X=raw_controls)):
-        msg = "--sample-counts: the control cells do not hold integer counts"
-        raise InputError(msg)
-    m = raw_controls.shape[0]
-    n = pred.n_obs - m
-    lib = library_sizes(ad.AnnData(X=raw_controls))  # (m,) totals over all genes
-    rng = np.random.default_rng([seed, 7])
-    Xp = pred.X[:n].toarray() if sp.issparse(pred.X) else np.asarray(pred.X[:n])
-    draws = sample_counts(Xp, lib[rng.integers(0, m, size=n)], float(target_sum), rng, dist=dist, theta=theta)
-    ctrl = raw_controls[:, gene_idx]
-    ctrl = sp.csr_matrix(ctrl, dtype=np.float32) if sp.issparse(ctrl) else sp.csr_matrix(np.asarray(ctrl, np.float32))
-    out = pred.copy()
-    out.X = sp.vstack([sp.csr_matrix(draws.astype(np.float32)), ctrl], format="csr")
-    out.uns["celltwin_predict"] = {**pred.uns["celltwin_predict"], "counts": json.dumps(
-        {"dist": dist, "theta": theta if dist == "nb" else None, "target_sum": float(target_sum),
-         "library_sizes": "totals of the context's real control cells, drawn with replacement"})}
-    return out
-
-
-def predict_from_files(run_dir: str | Path, data: str | Path, out: str | Path, *, split: str | Path | None = None,
-                       counts: str | Path | None = None, controls: str | Path | None = None,
-                       perturbations: Sequence[str] | None = None, context: str | None = None,
-                       repeat_mean: bool = False, write_real: str | Path | None = None, seed: int = 0,
-                       columns=None, sample_counts: str | None = None, nb_theta: float = 10.0) -> ad.AnnData:
-    """``celltwin predict``: predicted cells for the split's test pairs (or ``perturbations``).
-
-    See the module docstring for the policy on counts, controls, contexts and ``repeat_mean``.
-    ``sample_counts`` (``"poisson"`` / ``"nb"``): write integer counts instead of model-space
-    values (:func:`to_counts`).
-    Writes ``out`` (and ``write_real``) atomically and returns the predicted AnnData.
-    """
-    import anndata as ad
-    import pandas as pd
-
-    from celltwin.data.preprocess import Preprocessing
-
-    meta, genes = read_run(run_dir)
-    pre = Preprocessing.load(run_dir)
-    predictor = load_predictor(run_dir)
-    adata = read_h5ad(data)
-    if columns is None and "columns" in meta:
-        from celltwin.data.columns import ObsColumns
-
-        columns = ObsColumns.from_dict(meta["columns"])
-    table = read_counts_csv(counts) if counts is not None else None
-    if split is not None:
-        rs = resolve_split(adata, split, columns, where=str(data))
-        cols, pairs = rs.columns, list(rs.test_pairs)
-    else:
-        if not perturbations and table is None:
-            msg = "predict: give --split, --perturbations or --counts (nothing to predict)"
-            raise ConfigError(msg)
-        cols = resolve_columns(adata.obs, columns, str(data))
-        pairs = []
-    gidx = pre.gene_index(adata.var_names, f"data file {data}")
-    obs = canonical_obs(adata, cols)
-    ctx_all = obs[CONTEXT_COL].to_numpy()
-    pert_all = obs[PERT_COL].to_numpy()
-
-    explicit = list(perturbations) if perturbations else (list(table) if (split is None and table) else None)
-    if explicit is not None:
-        if context is None:
-            ctxs = sorted({c for c, _ in pairs}) or sorted(set(ctx_all.tolist()))
-            if len(ctxs) != 1:
-                msg = f"predict: give --context; the data has several contexts ({', '.join(ctxs)})"
-                raise ConfigError(msg)
-            context = ctxs[0]
-        pairs = [(context, p) for p in explicit]
-    if context is not None:
-        if context not in set(ctx_all.tolist()):
-            msg = (f"predict: context {context!r} not found in {data}; contexts present: "
-                   f"{', '.join(sorted(set(ctx_all.tolist())))}")
-            raise InputError(msg)
-        pairs = [(c, p) for c, p in pairs if c == context]
-    ctxs = sorted({c for c, _ in pairs})
-    if not pairs:
-        msg = f"predict: no perturbation to predict{f' in context {context!r}' if context else ''}"
-        raise InputError(msg)
-    if len(ctxs) > 1:
-        msg = f"predict: the test pairs span several contexts ({', '.join(ctxs)}); pick one with --context"
-        raise ConfigError(msg)
-    ctx = ctxs[0]
-    in_ctx = ctx_all == ctx
-    perts = [p for _, p in pairs]
-    if table is not None:
-        missing = [p for p in perts if p not in table]
-        if missing:
-            msg = f"counts file {counts}: no n_cells row for {', '.join(missing[:10])}"
-            raise InputError(msg)
-        n_cells = [table[p] for p in perts]
-    else:
-        n_cells = [int(np.sum(in_ctx & (pert_all == p))) for p in perts]
-        zero = [p for p, n in zip(perts, n_cells, strict=True) if n == 0]
-        if zero:
-            msg = (f"predict: no real cells of {', '.join(zero[:10])} in context {ctx!r} of {data} to take the "
-                   f"number of cells from; give --counts (a {PERT_COL},n_cells CSV)")
-            raise InputError(msg)
-    ctrl_mask = in_ctx & (pert_all == CONTROL_LABEL)
-    if sample_counts not in (None, "poisson", "nb"):
-        msg = f"predict: sample_counts must be 'poisson' or 'nb', got {sample_counts!r}"
-        raise ConfigError(msg)
-    if controls is not None:
-        C, raw_c, raw_idx = _controls_from_file(controls, pre, cols)
-    else:
-        if not ctrl_mask.any():
-            msg = f"predict: context {ctx!r} of {data} has no control cells (label {cols.control_label!r})"
-            raise InputError(msg)
-        raw_c, raw_idx = adata.X[np.flatnonzero(ctrl_mask)], gidx
-        C = pre.transform(raw_c, gidx)
-    req = PredictRequest(context=ctx, perturbations=perts, n_cells=n_cells)
-    pred = predict_cells(predictor, C, req, seed=seed, repeat_mean=repeat_mean, genes=genes)
-    pred.uns["celltwin_predict"].update({"model": str(meta.get("model")), "run": str(run_dir)})
-    if sample_counts is not None:
-        pred = to_counts(pred, raw_c, raw_idx, pre.target_sum, seed, dist=sample_counts, theta=nb_theta)
-    with atomic_path(out, suffix=".h5ad") as tmp:
-        pred.write_h5ad(tmp)
-    if write_real is not None:
-        sel = in_ctx & (np.isin(pert_all, perts) | (pert_all == CONTROL_LABEL))
-        rows = np.flatnonzero(sel)
-        robs = pd.DataFrame({PERT_COL: pd.Categorical(pert_all[rows]), CONTEXT_COL: pd.Categorical(ctx_all[rows])},
-                            index=adata.obs_names[rows].astype(str))
-        real = ad.AnnData(X=adata.X[rows][:, gidx], obs=robs, var=pd.DataFrame(index=pd.Index(genes)))
-        with atomic_path(write_real, suffix=".h5ad") as tmp:
-            real.write_h5ad(tmp)
-    return pred
 
 
 def resolve_columns(obs: pd.DataFrame, columns, where: str):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +35,7 @@ def _finish(p: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize(("workers", "shuffle"), [(0, False), (2, True)])
-def test_sigkill_resume_with_real_dataloader_is_bitwise_exact(tmp_path, workers, shuffle):
+def test_sigkill_resume_with_real_dataloader_is_bitwise_exact(tmp_path, workers, shuffle, kill_after_checkpoint):
     """Iterating a DataLoader draws from the global torch RNG (worker base_seed; the permutation
     of an unseeded shuffle); the loop isolates those draws, so a run killed after its step-8
     checkpoint and re-run ends with exactly the weights of an uninterrupted run."""
@@ -47,16 +44,7 @@ def test_sigkill_resume_with_real_dataloader_is_bitwise_exact(tmp_path, workers,
     p_full = _start(full, steps, every, 0.0, workers, shuffle)
     p_kill = _start(killed, steps, every, 0.15, workers, shuffle)
     marker = killed / "checkpoints" / "last.json"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if marker.exists() and json.loads(marker.read_text())["step"] >= 8:
-            break
-        assert p_kill.poll() is None, p_kill.stderr.read().decode()[-3000:]
-        time.sleep(0.02)
-    os.killpg(p_kill.pid, signal.SIGKILL)
-    p_kill.wait(timeout=30)
-    assert p_kill.returncode == -signal.SIGKILL
-    at_kill = json.loads(marker.read_text())["step"]
+    at_kill = kill_after_checkpoint(p_kill, marker, 8, timeout=60)
     assert 8 <= at_kill < steps and not (killed / "final.pt").exists()
     p_res = _start(killed, steps, every, 0.0, workers, shuffle)
     _finish(p_full)

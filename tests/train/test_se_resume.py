@@ -3,12 +3,9 @@ another fit's checkpoint, divergence is a one-line error."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -52,21 +49,12 @@ def _finish(p: subprocess.Popen) -> str:
     return out.decode()
 
 
-def test_embed_fit_killed_and_rerun_matches_uninterrupted(data, tmp_path):
+def test_embed_fit_killed_and_rerun_matches_uninterrupted(data, tmp_path, kill_after_checkpoint):
     full, killed = tmp_path / "full", tmp_path / "killed"
     p_full = _start(_fit_args(data, full))
     p_kill = _start(_fit_args(data, killed), sleep=0.12)
     marker = killed / "checkpoints" / "last.json"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if marker.exists() and json.loads(marker.read_text())["step"] >= 8:
-            break
-        assert p_kill.poll() is None, p_kill.stderr.read().decode()[-3000:]
-        time.sleep(0.02)
-    os.killpg(p_kill.pid, signal.SIGKILL)
-    p_kill.wait(timeout=30)
-    assert p_kill.returncode == -signal.SIGKILL
-    at_kill = json.loads(marker.read_text())["step"]
+    at_kill = kill_after_checkpoint(p_kill, marker, 8, timeout=90)
     assert 8 <= at_kill < 16 and not (killed / "model.safetensors").exists()
     p_res = _start(_fit_args(data, killed))
     assert "for 16 steps" in _finish(p_full)

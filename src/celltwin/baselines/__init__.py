@@ -33,19 +33,37 @@ __all__ = [
 
 
 def train(request: TrainRequest) -> dict:
-    """Registry train function: fit baseline ``request.model`` and save ``baseline.npz``."""
+    """Registry train function: fit baseline ``request.model`` from streamed blocks, save ``baseline.npz``.
+
+    The training rows are read in blocks of ``CHUNK`` cells in model space (CSR) and added to
+    per-group sums (:class:`~celltwin.baselines._effects.GroupSums`); memory is the groups x genes
+    table, never the cells. The result is bitwise the in-memory fit on the same cells.
+    """
+    from celltwin.baselines._effects import GroupSums, effect_groups, effect_table_from_sums
+    from celltwin.baselines.models import fitted_params
+
     cfg = BaselineConfig.from_options(request.model, request.options)
-    a = request.adata
-    model, dropped = fit_baseline(
-        cfg, a.X, a.obs[PERT_COL].astype(str).to_numpy(), a.obs[CONTEXT_COL].astype(str).to_numpy(),
-        list(a.var_names), CONTROL_LABEL,
-    )
+    obs = request.obs
+    groups = effect_groups(obs[PERT_COL].to_numpy(dtype=str), obs[CONTEXT_COL].to_numpy(dtype=str), CONTROL_LABEL)
+    pre = request.preprocess
+    sums = GroupSums(groups.n_groups, len(pre.genes))
+    rows = request.rows
+    for start in range(0, rows.size, CHUNK):
+        r = rows[start:start + CHUNK]
+        sums.add(request.data.read_model(r, pre, dense=False), groups.codes[start:start + CHUNK])
+    table, dropped = effect_table_from_sums(groups, sums, CONTROL_LABEL, cfg.min_cells)
+    model = Baseline(cfg, list(pre.genes), table, fitted_params(cfg, table, list(pre.genes)))
     meta = model.save(request.run_dir)
     meta["dropped_pairs"] = dropped
     if cfg.name == "scaled-context-transfer":
         meta["alpha"] = {c: (None if v != v else float(v)) for c, v in zip(model.table.contexts, model.params["alpha"], strict=True)}
         meta["alpha_pooled"] = float(model.params["alpha_pooled"])
     return meta
+
+
+#: cells per streamed block when fitting a baseline (a 4,096 x 18,080 float32 CSR block at 25%
+#: density is ~150 MB during normalisation)
+CHUNK = 4096
 
 
 def load_predictor(run_dir: str | Path) -> Baseline:

@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from celltwin._constants import COMBO_SEP
 from celltwin.errors import InputError
 
-__all__ = ["group_means", "EffectTable", "fit_effect_table", "combo_parts"]
+__all__ = ["group_means", "GroupSums", "EffectTable", "fit_effect_table", "effect_table_from_sums", "combo_parts"]
 
 
 def group_means(X, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +38,44 @@ def group_means(X, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.nda
         means = sums / counts[:, None]
     means[counts == 0] = np.nan
     return means, counts
+
+
+class GroupSums:
+    """Per-group column sums accumulated block by block (streamed training data).
+
+    Each block's rows are added to their group's row of a (n_groups, G) float64 table, one row
+    after another in the order given, so the result is bitwise the sum a single in-memory pass
+    in row order gives (:func:`group_means`, i.e. scipy's sparse product, adds the same values in
+    the same order). Rows with code < 0 are skipped. Memory: n_groups x G x 8 bytes.
+    """
+
+    def __init__(self, n_groups: int, n_genes: int) -> None:
+        self.sums = np.zeros((n_groups, n_genes), dtype=np.float64)
+        self.counts = np.zeros(n_groups, dtype=np.int64)
+
+    def add(self, block, codes: np.ndarray) -> None:
+        """Add rows of ``block`` (n, G) dense or CSR to the groups ``codes`` (n,)."""
+        from celltwin.baselines._accumulate import add_csr_rows, add_dense_rows
+
+        codes = np.ascontiguousarray(codes, dtype=np.int64)
+        if block.shape[0] != codes.size or block.shape[1] != self.sums.shape[1]:
+            msg = f"GroupSums.add: block {block.shape} vs {codes.size} codes x {self.sums.shape[1]} genes"
+            raise InputError(msg)
+        if sp.issparse(block):
+            b = sp.csr_matrix(block)
+            add_csr_rows(self.sums, codes, b.indptr.astype(np.int64), b.indices.astype(np.int64),
+                         b.data.astype(np.float64))
+        else:
+            add_dense_rows(self.sums, codes, np.ascontiguousarray(block, dtype=np.float64))
+        keep = codes[codes >= 0]
+        self.counts += np.bincount(keep, minlength=self.counts.size).astype(np.int64)
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(means (n_groups, G), counts)``; groups without cells get NaN rows."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = self.sums / self.counts[:, None]
+        means[self.counts == 0] = np.nan
+        return means, self.counts.copy()
 
 
 @dataclass
@@ -136,6 +175,74 @@ class EffectTable:
         )
 
 
+@dataclass
+class EffectGroups:
+    """Group codes of training cells: one group per context's controls, one per training pair."""
+
+    contexts: list[str]
+    pair_keys: list[tuple[int, str]]  # (context index, perturbation), sorted
+    codes: np.ndarray  # (n,) int64: c for controls of context c, C + j for pair j
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.contexts) + len(self.pair_keys)
+
+
+def effect_groups(perturbations: np.ndarray, contexts: np.ndarray, control_label: str) -> EffectGroups:
+    """Group every training cell (see :class:`EffectGroups`); contexts and pairs sorted by name."""
+    perts = np.asarray(perturbations).astype(str)
+    ctxs = np.asarray(contexts).astype(str)
+    if perts.size != ctxs.size:
+        msg = f"training data: {perts.size} perturbation labels but {ctxs.size} context labels"
+        raise InputError(msg)
+    context_names, c_code = np.unique(ctxs, return_inverse=True)
+    C = context_names.size
+    is_ctrl = perts == control_label
+    key = pd.DataFrame({"c": c_code[~is_ctrl], "p": perts[~is_ctrl]})
+    pairs = key.drop_duplicates().sort_values(["c", "p"], kind="stable")
+    pair_keys = [(int(c), str(p)) for c, p in zip(pairs["c"], pairs["p"], strict=True)]
+    codes = np.where(is_ctrl, c_code, -1).astype(np.int64)
+    if pair_keys:
+        idx = pd.MultiIndex.from_tuples(pair_keys)
+        pos = idx.get_indexer(pd.MultiIndex.from_arrays([c_code[~is_ctrl], perts[~is_ctrl]]))
+        codes[~is_ctrl] = C + pos
+    return EffectGroups([str(c) for c in context_names], pair_keys, codes)
+
+
+def effect_table_from_sums(groups: EffectGroups, sums: GroupSums, control_label: str,
+                           min_cells: int = 1) -> tuple[EffectTable, list[str]]:
+    """The :class:`EffectTable` of accumulated group sums (see :func:`fit_effect_table`)."""
+    means, counts = sums.means()
+    C = len(groups.contexts)
+    control_mean, control_count = means[:C], counts[:C]
+    pair_mean, pair_count = means[C:], counts[C:]
+    dropped: list[str] = []
+    keep: list[int] = []
+    for j, (c, p) in enumerate(groups.pair_keys):
+        if pair_count[j] < min_cells:
+            dropped.append(f"{groups.contexts[c]}/{p} ({pair_count[j]} cells)")
+            continue
+        if control_count[c] == 0:
+            msg = (
+                f"training data: context {groups.contexts[c]!r} has perturbed cells (e.g. {p!r}) but no "
+                f"control cells labelled {control_label!r}; expected at least 1 control cell per context"
+            )
+            raise InputError(msg)
+        keep.append(j)
+    pc = np.array([groups.pair_keys[j][0] for j in keep], dtype=np.int64)
+    G = means.shape[1]
+    table = EffectTable(
+        contexts=list(groups.contexts),
+        control_mean=control_mean,
+        control_count=control_count,
+        pair_context=pc,
+        pair_pert=[groups.pair_keys[j][1] for j in keep],
+        pair_effect=(pair_mean[keep] - control_mean[pc]) if keep else np.zeros((0, G)),
+        pair_count=pair_count[keep],
+    )
+    return table, dropped
+
+
 def fit_effect_table(
     X,
     perturbations: np.ndarray,
@@ -143,59 +250,23 @@ def fit_effect_table(
     control_label: str,
     min_cells: int = 1,
 ) -> tuple[EffectTable, list[str]]:
-    """Build an :class:`EffectTable` from training cells ``X`` (n, G) in model space.
+    """Build an :class:`EffectTable` from training cells ``X`` (n, G) in model space, in memory.
 
     ``perturbations`` / ``contexts`` are (n,) string arrays. Policy for small groups: a training
     pair with fewer than ``min_cells`` cells is dropped (its cells take part in nothing) and
     returned in the second value as ``"context/pert (n cells)"``. A context that has perturbed
     cells but no control cells raises :class:`InputError` (no effect can be measured there).
     Contexts are sorted by name; pairs by (context, perturbation), so results do not depend on
-    cell order.
+    cell order. The streamed fit (``celltwin train``) adds the same rows in the same order
+    through :class:`GroupSums` and gives bitwise the same table.
     """
-    perts = np.asarray(perturbations).astype(str)
-    ctxs = np.asarray(contexts).astype(str)
-    if X.shape[0] != perts.size or perts.size != ctxs.size:
-        msg = f"training data: X has {X.shape[0]} cells but {perts.size} perturbation / {ctxs.size} context labels"
+    if X.shape[0] != np.asarray(perturbations).size:
+        msg = f"training data: X has {X.shape[0]} cells but {np.asarray(perturbations).size} perturbation labels"
         raise InputError(msg)
-    context_names = sorted(set(ctxs.tolist()))
-    cidx = {c: i for i, c in enumerate(context_names)}
-    c_code = np.array([cidx[c] for c in ctxs], dtype=np.int64)
-    is_ctrl = perts == control_label
-
-    ctrl_codes = np.where(is_ctrl, c_code, -1)
-    control_mean, control_count = group_means(X, ctrl_codes, len(context_names))
-
-    pair_keys = sorted({(c_code[i], perts[i]) for i in np.flatnonzero(~is_ctrl)})
-    pidx = {k: j for j, k in enumerate(pair_keys)}
-    p_code = np.full(perts.size, -1, dtype=np.int64)
-    for i in np.flatnonzero(~is_ctrl):
-        p_code[i] = pidx[(c_code[i], perts[i])]
-    pair_mean, pair_count = group_means(X, p_code, len(pair_keys))
-
-    dropped: list[str] = []
-    keep: list[int] = []
-    for j, (c, p) in enumerate(pair_keys):
-        if pair_count[j] < min_cells:
-            dropped.append(f"{context_names[c]}/{p} ({pair_count[j]} cells)")
-            continue
-        if control_count[c] == 0:
-            msg = (
-                f"training data: context {context_names[c]!r} has perturbed cells (e.g. {p!r}) but no "
-                f"control cells labelled {control_label!r}; expected at least 1 control cell per context"
-            )
-            raise InputError(msg)
-        keep.append(j)
-    pc = np.array([pair_keys[j][0] for j in keep], dtype=np.int64)
-    table = EffectTable(
-        contexts=context_names,
-        control_mean=control_mean,
-        control_count=control_count,
-        pair_context=pc,
-        pair_pert=[pair_keys[j][1] for j in keep],
-        pair_effect=(pair_mean[keep] - control_mean[pc]) if keep else np.zeros((0, X.shape[1])),
-        pair_count=pair_count[keep],
-    )
-    return table, dropped
+    groups = effect_groups(perturbations, contexts, control_label)
+    sums = GroupSums(groups.n_groups, X.shape[1])
+    sums.add(X, groups.codes)
+    return effect_table_from_sums(groups, sums, control_label, min_cells)
 
 
 def combo_parts(pert: str) -> list[str]:

@@ -50,7 +50,7 @@ from celltwin._io import atomic_path
 from celltwin.baselines._effects import EffectTable, combo_parts, fit_effect_table
 from celltwin.errors import ConfigError, InputError
 
-__all__ = ["BASELINES", "BaselineConfig", "Baseline", "fit_baseline", "load_baseline"]
+__all__ = ["BASELINES", "BaselineConfig", "Baseline", "fit_baseline", "fitted_params", "load_baseline"]
 
 BASELINES: tuple[str, ...] = (
     "control",
@@ -235,13 +235,17 @@ def fit_baseline(
         msg = f"training data: X has {X.shape[1]} genes but {len(genes)} gene names"
         raise InputError(msg)
     table, dropped = fit_effect_table(X, perturbations, contexts, control_label, config.min_cells)
-    params: dict[str, np.ndarray] = {}
+    return Baseline(config, list(genes), table, fitted_params(config, table, list(genes))), dropped
+
+
+def fitted_params(config: BaselineConfig, table: EffectTable, genes: list[str]) -> dict[str, np.ndarray]:
+    """The model parameters a baseline derives from its :class:`EffectTable` (alpha, linear E and W)."""
     if config.name == "scaled-context-transfer":
         alpha, pooled = _scaled_alpha(table)
-        params = {"alpha": alpha, "alpha_pooled": np.asarray(pooled)}
-    elif config.name == "linear":
-        params = _linear_params(table, list(genes), config.linear_dim, config.linear_ridge)
-    return Baseline(config, list(genes), table, params), dropped
+        return {"alpha": alpha, "alpha_pooled": np.asarray(pooled)}
+    if config.name == "linear":
+        return _linear_params(table, list(genes), config.linear_dim, config.linear_ridge)
+    return {}
 
 
 def load_baseline(run_dir: str | Path, genes: list[str]) -> Baseline:

@@ -85,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     f.add_argument("--steps", type=positive_int, default=1000, help="optimiser steps (1000)")
     f.add_argument("--batch-size", type=positive_int, default=32, help="cells per step (32)")
+    f.add_argument("--num-workers", type=non_negative_int, default=1,
+                   help="DataLoader processes reading the batches from disk (1; 0 = in the training process)")
     f.add_argument("--lr", type=positive_float, default=3e-4, help="peak learning rate (3e-4)")
     f.add_argument(
         "--warmup", type=non_negative_int, default=None, help="warmup steps (default 5%% of --steps)"
@@ -174,6 +176,7 @@ def _fit(args: argparse.Namespace) -> int:
         dataset_key=args.dataset_key,
         n_top_genes=args.n_top_genes,
         batch_size=args.batch_size,
+        num_workers=args.num_workers,
     )
     rate = f", {res.train.items_per_s:.1f} cells/s" if res.train.items_per_s else ""
     loss = res.train.last_losses.get("loss")

@@ -15,17 +15,27 @@ predicted change (baselines: the shift, clipped at 0), so cell-to-cell variation
 
 Cells per perturbation: from --counts (a target_gene,n_cells CSV such as VCC's
 pert_counts_Validation.csv) or the real cells of the test split. Control cells are drawn
-without replacement when there are enough, with replacement otherwise.
+without replacement when there are enough, with replacement otherwise. Without --split,
+--counts alone names what to predict (the VCC workflow: train on every cell with a split that
+holds out nothing, then predict the challenge's list for --context).
+
+Genes written: the run's output space (`celltwin train --output-space`): every gene (gene/all),
+the HVGs (--hvg with output space gene) or the embedding dimensions (output space embedding).
+Memory stays bounded: each perturbation's cells are predicted and appended as a CSR block, the
+controls and --write-real cells are streamed from disk.
 
 Examples:
   celltwin predict runs/linear --data screen.h5ad --split split.toml -o pred.h5ad --write-real real.h5ad
   celltwin eval --pred pred.h5ad --real real.h5ad -o eval_out
+  celltwin predict runs/st --data vcc.h5ad --counts pert_counts_Validation.csv --context H1 -o pred.h5ad
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by `celltwin train`")
-    p.add_argument("--data", required=True, help=".h5ad holding the control cells (and the real test cells)")
+    p.add_argument("--data", default=None,
+                   help=".h5ad (or folder / glob) holding the control cells and the real test cells; "
+                        "default with --split: the split's own [datasets]")
     p.add_argument("--split", default=None, help="split .toml: predict its test perturbations")
     p.add_argument("-o", "--output", required=True, help="predicted .h5ad to write")
     p.add_argument("--counts", default=None, help="CSV with columns target_gene,n_cells")
@@ -44,19 +54,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from celltwin.predict import predict_from_files, summarize_sources
+    from celltwin._io import check_outputs
+    from celltwin.pipeline import predict_from_files
+
+    check_outputs({"-o/--output": args.output, "--write-real": args.write_real},
+                  {"RUN_DIR": args.run_dir, "--data": args.data, "--split": args.split,
+                   "--counts": args.counts, "--controls": args.controls})
 
     perts = [p.strip() for p in args.perturbations.split(",") if p.strip()] if args.perturbations else None
-    pred = predict_from_files(args.run_dir, args.data, args.output, split=args.split, counts=args.counts,
+    res = predict_from_files(args.run_dir, args.data, args.output, split=args.split, counts=args.counts,
                               controls=args.controls, perturbations=perts, context=args.context,
                               repeat_mean=args.repeat_mean, write_real=args.write_real, seed=args.seed,
                               columns=columns_from_args(args), sample_counts=args.sample_counts,
                               nb_theta=args.nb_theta)
-    info = pred.uns["celltwin_predict"]
-    srcs = summarize_sources(pred)
-    fb = sorted(p for p, s in srcs.items() if s != "model")
-    n_pert = len(srcs) if srcs else pred.obs.iloc[:, 0].nunique() - 1
-    msg = f"wrote {args.output}: {pred.n_obs} cells ({n_pert} perturbations + controls) in context {info['context']!r}"
+    srcs = res.sources
+    fb = sorted(p for p, s in srcs.items() if not s.startswith("model"))
+    n_pert = len(res.perturbations)
+    msg = f"wrote {args.output}: {res.n_obs} cells ({n_pert} perturbations + controls) in context {res.context!r}"
     if fb:
         msg += f"; {len(fb)} fell back ({', '.join(fb[:5])}{', ...' if len(fb) > 5 else ''})"
     print(msg)

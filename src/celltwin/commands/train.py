@@ -33,7 +33,15 @@ Unseen perturbations (--set pert_embeddings=genes.safetensors): perturbations ar
 gene's vector from a table (`celltwin genes embed`, or .pt/.npy/.csv tables; pert_hgnc=hgnc_genes.tsv
 matches aliases), so a gene never perturbed in training is predicted from its vector at predict time.
 
+Data: the split's [datasets] (each one .h5ad, a folder of .h5ad files or a glob; several datasets
+are aligned by gene name) or --data. Everything is read from disk block by block: memory does
+not grow with the number of cells. Inputs and outputs as arc-state's embed_key / output_space:
+--hvg N (input = N highly variable genes; output every gene by default), --embed-key KEY (input =
+obsm[KEY]), --output-space gene|all|embedding. ST/SE data loading: --set num_workers=N
+DataLoader processes (default 1).
+
 Examples:
+  celltwin train --model state --split split.toml --hvg 2000 -o runs/st-hvg   # HVG in, all genes out
   celltwin train --model linear --data screen.h5ad --split split.toml -o runs/linear
   celltwin train --model state --data screen.h5ad --split split.toml -o runs/st --set preset=small
   celltwin train --model state-se --se-model se_model --data screen.h5ad --split split.toml -o runs/st-se
@@ -42,8 +50,20 @@ Examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model name (see celltwin.predict.MODELS)")
-    p.add_argument("--data", required=True, help="training .h5ad (counts or log1p-normalised)")
+    p.add_argument("--data", default=None,
+                   help="training .h5ad, folder of .h5ad or glob (counts or log1p-normalised); default: the "
+                        "split's [datasets] (needed only to override a one-dataset split's path)")
     p.add_argument("--split", required=True, help="split .toml (see `celltwin split`)")
+    p.add_argument("--hvg", type=int, default=None, metavar="N",
+                   help="input genes: the N seurat_v3 highly variable genes of the training cells (saved in the run)")
+    p.add_argument("--embed-key", default=None, metavar="KEY",
+                   help="state: input from obsm[KEY] (X_pca, X_hvg, X_state from `celltwin embed transform`, ...)")
+    p.add_argument("--output-space", choices=["gene", "all", "embedding"], default=None,
+                   help="what the run predicts: gene (the input genes; default without --hvg/--embed-key), all "
+                        "(every gene, decoded from the input; default with --hvg/--embed-key), embedding "
+                        "(the obsm matrix itself)")
+    p.add_argument("--zeroshot-controls-in-train", action="store_true",
+                   help="also train on the control cells of zero-shot (held-out) contexts, as cell-load does")
     p.add_argument("-o", "--output", required=True, help="run directory to write")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -55,8 +75,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from celltwin._io import check_outputs
     from celltwin.errors import ConfigError
-    from celltwin.predict import train_from_files
+
+    check_outputs({"-o/--output": args.output},
+                  {"--data": args.data, "--split": args.split, "--se-model": args.se_model},
+                  dirs={"-o/--output"})
+    from celltwin.pipeline import train_from_files
 
     options = parse_sets(args.set)
     flags = (("--input-space", "input_space", args.input_space), ("--se-model", "se_model", args.se_model))
@@ -71,8 +96,12 @@ def run(args: argparse.Namespace) -> int:
     if args.se_model is not None and not embedding:
         msg = "--se-model: needs --input-space embedding"
         raise ConfigError(msg)
+    from celltwin.data.inputs import InputConfig
+
+    inputs = InputConfig(hvg=args.hvg, embed_key=args.embed_key, output_space=args.output_space or "")
     meta = train_from_files(args.model, args.data, args.split, args.output, seed=args.seed,
-                            options=options, columns=columns_from_args(args))
+                            options=options, columns=columns_from_args(args), inputs=inputs,
+                            zeroshot_controls_in_train=args.zeroshot_controls_in_train)
     dropped = meta.get("dropped_pairs") or []
     note = f"; dropped {len(dropped)} pair(s) below min_cells" if dropped else ""
     print(f"trained {args.model} on {meta['n_train_cells']} cells x {meta['n_genes']} genes -> {args.output}{note}")

@@ -49,6 +49,8 @@ def _row_sums(block: Matrix) -> np.ndarray:
 def library_sizes(data, rows: np.ndarray | None = None, chunk_size: int = 4096) -> np.ndarray:
     """Total counts per cell (float64) over all genes, streamed in chunks of rows."""
     src = open_source(data)
+    if hasattr(src, "library_sizes"):  # CellDataset: totals over all genes of each cell's own file
+        return src.library_sizes(rows, chunk_size)
     parts = [_row_sums(b) for _, b in iter_row_chunks(src, rows, chunk_size)]
     return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -69,6 +71,8 @@ def looks_like_counts(data, n_rows: int = 2000, seed: int = 0) -> bool:
     """True if a random sample of up to ``n_rows`` cells holds only non-negative integers."""
     src = open_source(data)
     rng = np.random.default_rng(seed)
+    if hasattr(src, "sources"):  # CellDataset: every file must hold counts
+        return all(looks_like_counts(s, n_rows, seed) for s in src.sources)
     n = min(n_rows, src.n_obs)
     rows = np.sort(rng.choice(src.n_obs, size=n, replace=False)) if n < src.n_obs else np.arange(n)
     block = src.read_rows(rows)
@@ -171,10 +175,16 @@ class Preprocessing:
 
         Totals are computed over all genes of ``block`` before selecting ``gene_idx``.
         """
-        out = normalize_log1p(block, self.target_sum, self.log1p)
-        if gene_idx is not None:
-            out = out[:, gene_idx]
+        out = self.transform_sparse(block, gene_idx)
         return out.toarray() if sp.issparse(out) else np.ascontiguousarray(out)
+
+    def transform_sparse(self, block: Matrix, gene_idx: np.ndarray | None) -> Matrix:
+        """As :meth:`transform`, but a CSR block stays CSR (float32); dense stays dense."""
+        out = normalize_log1p(block, self.target_sum, self.log1p)
+        if gene_idx is not None and not (gene_idx.size == out.shape[1]
+                                         and np.array_equal(gene_idx, np.arange(out.shape[1]))):
+            out = out[:, gene_idx]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -237,7 +247,7 @@ def fit_preprocessing(
         Whether X holds counts; ``None`` detects it (:func:`looks_like_counts`). Non-count input is
         passed through (``target_sum=None, log1p=False``).
     """
-    src: H5adSource | MemorySource = open_source(data)
+    src = open_source(data)
     is_counts = looks_like_counts(src) if counts is None else counts
     hvg_meta: dict[str, Any] = {}
     if genes is not None:

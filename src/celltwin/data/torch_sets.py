@@ -11,6 +11,11 @@ Each item is a dict (default ``collate_fn`` stacks them into a batch of B sets):
     pert_rows, ctrl_rows (S,) int64  global row ids (debugging)
     perturbation, context  str    names (debugging; collate makes lists)
 
+With a ``reader`` (``rows -> {"x": (n, D), "genes": (n, G) or None}``, e.g. the ST runner's
+:class:`celltwin.models.st_data.SetReader`) an item is ``ctrl``/``pert`` from ``x`` (input space:
+genes, HVGs, an obsm matrix or SE embeddings) plus ``ctrl_genes``/``pert_genes`` (S, G) when the
+run decodes to genes; both sides of a set are read in one call.
+
 Workers: the dataset pickles the source's path (not an open HDF5 handle); each worker opens its
 own. The plan depends only on (seed, epoch, rank, world_size), so any number of workers yields the
 same sets. Call :meth:`CellSetDataset.set_epoch` before iterating a DataLoader for that epoch.
@@ -60,13 +65,16 @@ class CellSetDataset(Dataset):
         preprocessing: Preprocessing | None = None,
         ctrl_obsm_key: str | None = None,
         pert_obsm_key: str | None = None,
+        reader=None,
     ) -> None:
+        self.reader = reader
         self.source = source
         self.sampler = sampler
         self.vocabs = vocabs
         self.preprocessing = preprocessing
         self.gene_idx = (
-            None if preprocessing is None else preprocessing.gene_index(source.var_names, source.name)
+            None if (preprocessing is None or reader is not None)
+            else preprocessing.gene_index(source.var_names, source.name)
         )
         self.ctrl_obsm_key = ctrl_obsm_key
         self.pert_obsm_key = pert_obsm_key
@@ -92,6 +100,8 @@ class CellSetDataset(Dataset):
 
     def item(self, s: CellSet) -> dict:
         """The tensors of one :class:`CellSet`."""
+        if self.reader is not None:
+            return self._reader_item(s)
         ctrl = self._obsm(s.ctrl_rows, self.ctrl_obsm_key) if self.ctrl_obsm_key else self._genes(s.ctrl_rows)
         out = {
             "ctrl": torch.from_numpy(np.ascontiguousarray(ctrl, dtype=np.float32)),  # (S, G|E)
@@ -109,6 +119,24 @@ class CellSetDataset(Dataset):
         }
         if self.pert_obsm_key:
             out["pert_emb"] = torch.from_numpy(self._obsm(s.pert_rows, self.pert_obsm_key))
+        return out
+
+    def _reader_item(self, s: CellSet) -> dict:
+        """Item from ``reader(rows) -> {"x": (n, D), "genes": (n, G) | None}``: one read for both sides."""
+        rows = np.concatenate([s.ctrl_rows, s.pert_rows])
+        got = self.reader(rows)
+        S = s.ctrl_rows.size
+        x = torch.from_numpy(np.ascontiguousarray(got["x"], dtype=np.float32))  # (2S, D)
+        out = {
+            "ctrl": x[:S], "pert": x[S:],
+            "pert_idx": torch.tensor(self.vocabs.perturbations[s.perturbation], dtype=torch.long),
+            "context_idx": torch.tensor(self.vocabs.contexts[s.context], dtype=torch.long),
+            "batch_idx": torch.from_numpy(self._batch_ids[[self._pos[int(r)] for r in s.pert_rows]]),
+            "ctrl_batch_idx": torch.from_numpy(self._batch_ids[[self._pos[int(r)] for r in s.ctrl_rows]]),
+        }
+        if got.get("genes") is not None:
+            g = torch.from_numpy(np.ascontiguousarray(got["genes"], dtype=np.float32))  # (2S, G)
+            out["ctrl_genes"], out["pert_genes"] = g[:S], g[S:]
         return out
 
     def __getitem__(self, i: int | tuple[int, int]) -> dict:

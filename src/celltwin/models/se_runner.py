@@ -35,6 +35,7 @@ import torch
 from celltwin import __version__
 from celltwin._constants import EMBED_KEY
 from celltwin._io import atomic_path
+from celltwin.data.dataset import check_values
 from celltwin.errors import ConfigError, InputError
 from celltwin.models.state_embedding import StateEmbeddingConfig, StateEmbeddingModel
 
@@ -127,17 +128,66 @@ class _CellBatches:
     def __len__(self) -> int:
         return max(1, len(self.rows) // self.batch_size // self.world)
 
+    def _perm(self, epoch: int) -> np.ndarray:
+        cache = getattr(self, "_perm_cache", None)
+        if cache is None or cache[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            cache = (epoch, self.rows[rng.permutation(len(self.rows))])
+            self._perm_cache = cache
+        return cache[1]
+
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        perm = self.rows[rng.permutation(len(self.rows))]
-        n_batches = len(self)
-        for b in range(n_batches):
-            k = b * self.world + self.rank
-            idx = perm[k * self.batch_size : (k + 1) * self.batch_size]
-            if idx.size == 0:
-                idx = perm[: self.batch_size]
-            x = self.prep.transform(self.source.read_rows(idx), self.gene_idx)  # (B, G) model space
-            yield {"x": torch.from_numpy(x), "ds": torch.from_numpy(self.ds[idx])}
+        for b in range(len(self)):
+            yield self[(self.epoch, b)]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        """Batch ``b`` of ``epoch`` (a pure function of seed, epoch, rank and b; DataLoader workers)."""
+        epoch, b = key
+        perm = self._perm(int(epoch))
+        k = int(b) * self.world + self.rank
+        idx = perm[k * self.batch_size : (k + 1) * self.batch_size]
+        if idx.size == 0:
+            idx = perm[: self.batch_size]
+        if hasattr(self.source, "read_model"):  # CellDataset: totals over each file's own genes, checked
+            x = self.source.read_model(idx, self.prep)  # (B, G) model space
+        else:
+            raw = self.source.read_rows(idx)
+            check_values(raw, self.source.name, idx)  # NaN / inf / negative values are refused
+            x = self.prep.transform(raw, self.gene_idx)  # (B, G) model space
+        return {"x": torch.from_numpy(x), "ds": torch.from_numpy(self.ds[idx])}
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """``(epoch, 0), (epoch, 1), ...`` for the batches' current epoch (DataLoader sampler)."""
+
+    def __init__(self, batches: _CellBatches) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        e = self.batches.epoch
+        return iter([(e, b) for b in range(len(self.batches))])
+
+
+def _batch_loader(batches: _CellBatches, num_workers: int):
+    """The batches in-process (``num_workers=0``) or read by DataLoader worker processes.
+
+    Either way the batch sequence is the same (each batch is a pure function of its index), so
+    the weights do not depend on ``num_workers`` and resume stays exact.
+    """
+    if num_workers <= 0:
+        return batches
+    from torch.utils.data import DataLoader
+
+    # the loop calls set_epoch on the dataset (the batches) before each epoch
+    return DataLoader(batches, batch_size=None, sampler=_EpochBatches(batches), num_workers=num_workers,
+                      prefetch_factor=4, worker_init_fn=_one_thread)
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # a reading worker never competes with the training threads
 
 
 def _digest(*parts: bytes) -> str:
@@ -205,6 +255,7 @@ def fit_state_embedding(
     cells: np.ndarray | None = None,
     batch_size: int = 32,
     log: Callable[[str], None] = print,
+    num_workers: int = 0,
 ) -> SEFitResult:
     """Train an SE model on ``data`` (an ``.h5ad`` path or AnnData) and save it to ``out_dir``.
 
@@ -255,9 +306,9 @@ def fit_state_embedding(
     )}
     seed_everything(train_config.seed)  # identical initial weights on every rank
     model = StateEmbeddingModel(config, genes, vec, found, datasets)
-    loader = _CellBatches(
+    loader = _batch_loader(_CellBatches(
         source, rows, ds, prep, min(batch_size, rows.size), train_config.seed, info.rank, info.world_size
-    )
+    ), num_workers)
 
     def step(m, batch):
         return m(batch["x"], batch["ds"], return_loss=True)

@@ -9,11 +9,15 @@
 * :func:`load_state` (``run_dir``) returns a :class:`StatePredictor` (registry ``load_fn``).
 
 Training sets come from :class:`celltwin.data.sampler.CellSetSampler` through
-:class:`celltwin.data.torch_sets.CellSetDataset` over the in-memory training matrix (one
-(context, perturbation) group per set, controls matched in the same context, or context and
-batch with ``match=batch``; control -> control sets included, so the control label is
-perturbation 0 and teaches the identity). Each optimiser step sees ``batch_sets`` sets of
-``set_size`` cells. With ``val_pairs=N``, N random (context, perturbation) groups are held out
+:class:`celltwin.data.torch_sets.CellSetDataset` and a DataLoader (``num_workers`` processes;
+default one for files), each set's rows read from disk and normalised when it is drawn
+(:class:`celltwin.models.st_data.SetReader`): nothing holds the training matrix, and under DDP
+each rank reads only the rows of its own sets. One (context, perturbation) group per set,
+controls matched in the same context, or context and batch with ``match=batch``; control ->
+control sets included, so the control label is perturbation 0 and teaches the identity. Each
+optimiser step sees ``batch_sets`` sets of ``set_size`` cells. Inputs and outputs follow the
+run's :class:`celltwin.data.inputs.InputConfig`: every gene, ``--hvg`` genes (decoded to every
+gene with output space ``all``), an ``obsm`` matrix (``--embed-key``) or SE embeddings. With ``val_pairs=N``, N random (context, perturbation) groups are held out
 and scored every ``val_every`` steps (and at the end) with :func:`celltwin.eval.evaluate`
 (``overlap_at_N``, ``discrimination_score_l1``, ``mae`` means, logged under ``val``). Under
 torchrun (``WORLD_SIZE > 1``) every rank gets its own disjoint share of each epoch's sets and
@@ -36,8 +40,9 @@ combination of seen genes is predicted by the model; a context outside the vocab
 snap the evaluator's rank test would call every sparse gene differentially expressed).
 
 **ST on SE embeddings** (``--set input_space=embedding``, or ``celltwin train --input-space
-embedding``): every cell is first embedded by a State Embedding model
-(:mod:`celltwin.models.state_embedding`); ST maps the *embedded* control set to the embedded
+embedding``): every training cell is first embedded by a State Embedding model
+(:mod:`celltwin.models.state_embedding`), block by block into ``RUN/state/se_embeddings.npy``
+(read as a memmap); ST maps the *embedded* control set to the embedded
 perturbed set and a learned gene decoder (in the ST model) maps each predicted embedding to the
 run's genes, so predictions are gene-space cells scored by ``celltwin eval`` like any other.
 By default the decoder is residual (``STConfig.decoder_residual``): a predicted cell is its basal
@@ -74,7 +79,7 @@ import torch
 from celltwin._constants import BATCH_COL, COMBO_SEP, CONTEXT_COL, CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
 from celltwin.losses import LOSSES
-from celltwin.models.state_transition import PRESETS, STConfig, StateTransition
+from celltwin.models.state_transition import PRESETS, StateTransition, STConfig
 from celltwin.train import TrainConfig, cleanup_distributed, fit, init_distributed, seed_everything
 
 __all__ = ["StateOptions", "train_state", "train_state_se", "load_state", "StatePredictor", "parse_loss", "split_combo", "DEMO_OPTIONS"]
@@ -140,6 +145,11 @@ class StateOptions:
     val_pairs: int = 0  # hold out N (context, perturbation) groups for validation with celltwin.eval
     val_every: int = 0  # validate every N steps (0 = at the end when val_pairs > 0)
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    # DataLoader processes reading cell sets from disk (0 = in the training process; -1 = auto:
+    # 1 for data read from files, 0 for an in-memory AnnData). One worker overlaps reading with the
+    # step on a 2-core machine (bench/RESULTS.md, "Scale"); more help where cores are spare. The
+    # sets do not depend on it (same weights for any value).
+    num_workers: int = -1
     progress: bool = True
     tensorboard: bool = True
     # --- ST on SE embeddings (input_space=embedding)
@@ -192,6 +202,8 @@ class StateOptions:
         for name in ("steps", "batch_sets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"state option {name}: expected >= 1, got {getattr(self, name)}")
+        if self.num_workers < -1:
+            raise ConfigError(f"state option num_workers: expected >= 0 or -1 (auto), got {self.num_workers}")
         for name in ("set_size", "hidden", "n_layers", "n_heads", "mlp_hidden", "val_pairs", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"state option {name}: expected >= 0, got {getattr(self, name)}")
@@ -223,14 +235,14 @@ class StateOptions:
         return cls(**kw)
 
     def model_config(self, input_dim: int, n_perts: int, n_contexts: int, n_genes: int = 0,
-                     pert_emb_dim: int = 0) -> STConfig:
+                     pert_emb_dim: int = 0, input_space: str | None = None, output_space: str = "") -> STConfig:
         over: dict[str, Any] = {"input_dim": input_dim, "n_perts": n_perts, "n_contexts": n_contexts,
                                 "pert_emb_dim": pert_emb_dim,
                                 "dropout": self.dropout, "loss_weights": parse_loss(self.loss),
-                                "input_space": self.input_space, "gene_loss_weight": self.gene_loss_weight,
-                                "decoder_residual": self.decoder_residual}
-        if self.input_space == "embedding":
-            over["n_genes"] = n_genes
+                                "input_space": input_space or self.input_space,
+                                "output_space": output_space,
+                                "gene_loss_weight": self.gene_loss_weight,
+                                "decoder_residual": self.decoder_residual, "n_genes": n_genes}
         for name in ("set_size", "hidden", "n_layers", "n_heads", "mlp_hidden"):
             if getattr(self, name):
                 over[name] = getattr(self, name)
@@ -249,13 +261,14 @@ def _member_table(labels: list[str], member_ids: dict[str, int]) -> torch.Tensor
     return torch.tensor([m + [-1] * (k - len(m)) for m in members], dtype=torch.long)
 
 
-def _make_step(context_dropout: float, members: torch.Tensor, emb_dim: int | None = None):
+def _make_step(context_dropout: float, members: torch.Tensor):
     """The loop's step function: forward on the (possibly DDP-wrapped) model, ST loss parts.
 
     The context token of a set is replaced by "unknown" (id 0) with probability
     ``context_dropout`` (torch's global RNG: restored on resume, so resumption stays exact).
-    ``emb_dim``: embedding input; each cell row is ``[embedding (E) | genes (G)]`` and ST sees
-    the first E columns, the decoded-genes loss the last G.
+    A batch holds ``ctrl`` / ``pert`` (B, S, D) in the input space, and ``ctrl_genes`` /
+    ``pert_genes`` (B, S, G) when the model decodes to genes (output space ``all``): the basal
+    genes feed the residual decoder, the perturbed genes the decoded-genes loss.
     """
     from celltwin.train import unwrap
 
@@ -265,12 +278,8 @@ def _make_step(context_dropout: float, members: torch.Tensor, emb_dim: int | Non
             drop = torch.rand(ctx.shape, device=ctx.device) < context_dropout
             ctx = torch.where(drop, torch.zeros_like(ctx), ctx)
         pid = members.to(ctx.device)[batch["pert_idx"]]  # (B, K) member ids of the set's label
-        if emb_dim is None:
-            out = model(batch["ctrl"], pid, ctx)
-            return unwrap(model).loss(out, batch["pert"])
-        ctrl, tgt = batch["ctrl"], batch["pert"]  # (B, S, E + G) each
-        out = model(ctrl[..., :emb_dim], pid, ctx, ctrl_genes=ctrl[..., emb_dim:])
-        return unwrap(model).loss(out, tgt[..., :emb_dim], tgt[..., emb_dim:])
+        out = model(batch["ctrl"], pid, ctx, ctrl_genes=batch.get("ctrl_genes"))
+        return unwrap(model).loss(out, batch["pert"], batch.get("pert_genes"))
 
     return step
 
@@ -391,10 +400,11 @@ def _pert_table(opts: StateOptions, pert_vocab: list[str]) -> torch.Tensor:
     return torch.from_numpy(np.vstack([np.zeros((1, table.dim), np.float32), vec]))
 
 
-def _se_for_run(opts: StateOptions, adata: Any, run_dir: Path, request: Any, log=print) -> tuple[Any, str]:
-    """The SE model of an embedding-space run: copied from ``opts.se_model`` or fitted on ``adata``.
+def _se_for_run(opts: StateOptions, request: Any, run_dir: Path) -> tuple[Any, str]:
+    """The SE model of an embedding-space run: copied from ``opts.se_model`` or fitted on the training rows.
 
-    Both end in ``RUN/state/se``; returns ``(model, how)``.
+    Both end in ``RUN/state/se``; returns ``(model, how)``. A fitted SE reads the training rows
+    from disk in batches (``celltwin embed fit``'s loader), like everything else here.
     """
     import shutil
 
@@ -417,40 +427,50 @@ def _se_for_run(opts: StateOptions, adata: Any, run_dir: Path, request: Any, log
     tcfg = TrainConfig(max_steps=opts.se_steps, lr=opts.se_lr, warmup_steps=min(opts.se_steps // 20, opts.se_steps),
                        device=opts.device, seed=request.seed, ckpt_every=opts.ckpt_every, resume=opts.resume,
                        progress=opts.progress, tensorboard=False, precision=opts.precision)
-    res = fit_state_embedding(adata, se_dir, config=cfg, train_config=tcfg, batch_size=opts.se_batch,
-                              log=lambda _m: None)
+    res = fit_state_embedding(request.data, se_dir, config=cfg, train_config=tcfg, batch_size=opts.se_batch,
+                              cells=np.asarray(request.rows), log=lambda _m: None)
     return res.model, f"fitted on the training cells ({opts.se_preset}, {opts.se_steps} steps)"
 
 
-def _dense(X: Any) -> np.ndarray:
-    import scipy.sparse as sp
+def _labels(request: Any) -> Any:
+    """CellLabels of the request's training rows (global row ids)."""
+    from celltwin.data.matching import CellLabels
 
-    return np.ascontiguousarray(X.toarray() if sp.issparse(X) else np.asarray(X), dtype=np.float32)
+    obs = request.obs
+    return CellLabels(rows=np.asarray(request.rows, dtype=np.int64),
+                      pert=obs[PERT_COL].to_numpy(dtype=object).astype(str),
+                      context=obs[CONTEXT_COL].to_numpy(dtype=object).astype(str),
+                      batch=obs[BATCH_COL].to_numpy(dtype=object).astype(str) if BATCH_COL in obs
+                      else np.full(len(obs), "all", dtype=object).astype(str),
+                      control_label=CONTROL_LABEL, where="training data")
+
+
+def _worker_init(_worker_id: int) -> None:
+    # a DataLoader worker only reads and normalises rows: one thread each, so that the workers
+    # never compete with the training process's own matrix-product threads
+    torch.set_num_threads(1)
 
 
 def train_state(request: Any) -> dict:
-    """Registry ``train_fn``: fit ST on ``request.adata`` and write ``request.run_dir/state``."""
-    import anndata as ad
+    """Registry ``train_fn``: fit ST on the request's training rows (read from disk per set)."""
     from torch.utils.data import DataLoader
 
-    from celltwin.data.columns import ObsColumns
-    from celltwin.data.matching import CellLabels
     from celltwin.data.sampler import CellSetSampler, SetSamplerConfig
-    from celltwin.data.source import MemorySource
     from celltwin.data.torch_sets import CellSetDataset
     from celltwin.data.vocab import Vocab, Vocabularies
+    from celltwin.models.st_data import SE_CACHE, SetReader, build_se_cache
 
     opts = StateOptions.from_strings(dict(request.options))
     if opts.threads:
         torch.set_num_threads(opts.threads)
     run_dir = Path(request.run_dir)
-    adata = request.adata
-    obs = adata.obs
-    genes = [str(g) for g in adata.var_names]
-    cols = ObsColumns(PERT_COL, CONTROL_LABEL, CONTEXT_COL, BATCH_COL).present(obs)
-    if opts.match == "batch" and cols.batch_col is None:
+    pre = request.preprocess
+    genes = list(pre.genes)  # output genes (model space)
+    if opts.input_space == "embedding" and (request.embed_key or request.input_genes is not None):
+        raise ConfigError("state option input_space=embedding (SE embeddings): --embed-key / --hvg do not apply")
+    if opts.match == "batch" and len(set(request.obs[BATCH_COL].tolist())) <= 1:
         raise ConfigError(f"state option match=batch: the training data has no obs[{BATCH_COL!r}] column")
-    labels = CellLabels.from_obs(obs, cols, where="training data")
+    labels = _labels(request)
     perts = sorted(set(labels.pert.tolist()) - {CONTROL_LABEL})
     contexts = sorted(set(labels.context.tolist()))
     if not perts:
@@ -473,23 +493,43 @@ def train_state(request: Any) -> dict:
             train_mask &= ~((labels.context == c) & (labels.pert == p))
 
     info = init_distributed(opts.device)
-    X = _dense(adata.X)  # (n, G) run space
-    bridge, se_how = None, ""
+    input_idx = None
+    if request.input_genes is not None:
+        pos = {g: i for i, g in enumerate(genes)}
+        input_idx = np.array([pos[g] for g in request.input_genes], dtype=np.int64)
+    decode = request.output_space == "all" or opts.input_space == "embedding"
+    bridge, se_how, se_cache = None, "", None
     if opts.input_space == "embedding":
-        se_model, se_how = _se_for_run(opts, adata, run_dir, request)
+        se_model, se_how = _se_for_run(opts, request, run_dir)
         se_model.to(info.device)
-        bridge = SEBridge.build(se_model, run_dir / MODEL_SUBDIR / SE_SUBDIR, genes, request.preprocess)
-        emb = bridge.embed(X)  # (n, E)
-        Xin = np.ascontiguousarray(np.hstack([emb, X]))  # (n, E + G): ST input | decoded-genes target
+        bridge = SEBridge.build(se_model, run_dir / MODEL_SUBDIR / SE_SUBDIR, genes, pre)
+        se_cache = run_dir / MODEL_SUBDIR / SE_CACHE
+        if info.is_main:
+            build_se_cache(bridge, request.data, pre, labels.rows, se_cache)
+        from celltwin.train.distributed import barrier
+
+        barrier()
+        in_dim = bridge.dim
+    elif request.embed_key:
+        in_dim = int(request.data.read_rows(labels.rows[:1], obsm_key=request.embed_key).shape[1])
     else:
-        Xin = X
+        in_dim = len(genes) if input_idx is None else int(input_idx.size)
+    reader = SetReader(request.data, pre, input_idx=input_idx, embed_key=request.embed_key,
+                       se_cache=None if se_cache is None else str(se_cache),
+                       se_rows=labels.rows if se_cache is not None else None, decode_genes=decode)
     pert_table = _pert_table(opts, pert_vocab) if opts.pert_embeddings else None
     seed_everything(request.seed)
-    in_dim = bridge.dim if bridge is not None else len(genes)
-    cfg = opts.model_config(in_dim, len(pert_vocab), len(contexts), n_genes=len(genes),
-                            pert_emb_dim=0 if pert_table is None else int(pert_table.shape[1]))
-    model = StateTransition(cfg, pert_table=pert_table,
-                            vocab={"genes": genes, "perturbations": pert_vocab, "contexts": ctx_vocab})
+    input_space = "embedding" if (opts.input_space == "embedding" or request.embed_key) else "expression"
+    output_space = "all" if decode else ("embedding" if input_space == "embedding" else "gene")
+    cfg = opts.model_config(in_dim, len(pert_vocab), len(contexts), n_genes=len(genes) if decode else 0,
+                            pert_emb_dim=0 if pert_table is None else int(pert_table.shape[1]),
+                            input_space=input_space, output_space=output_space)
+    vocab = {"genes": genes, "perturbations": pert_vocab, "contexts": ctx_vocab}
+    if request.input_genes is not None:
+        vocab["input_genes"] = list(request.input_genes)
+    if request.embed_key:
+        vocab["embed_key"] = [request.embed_key]
+    model = StateTransition(cfg, pert_table=pert_table, vocab=vocab)
     vocabs = Vocabularies(perturbations=Vocab(label_vocab, "perturbation"),
                           contexts=Vocab(ctx_vocab, "context", unknown=ctx_vocab[0]),
                           batches=Vocab.from_values(labels.batch, "batch"), genes=Vocab(genes, "gene"))
@@ -498,9 +538,19 @@ def train_state(request: Any) -> dict:
         SetSamplerConfig(set_size=cfg.set_size, seed=request.seed, match=opts.match, control_sets=True),
         rank=info.rank, world_size=info.world_size,
     )
-    mem = ad.AnnData(X=Xin, obs=obs)
-    dataset = CellSetDataset(MemorySource(mem, "training data"), sampler, vocabs)
-    loader = DataLoader(dataset, batch_size=opts.batch_sets, shuffle=False, num_workers=0)
+    dataset = CellSetDataset(request.data, sampler, vocabs, reader=reader)
+    from celltwin.data.source import MemorySource
+
+    in_memory = all(isinstance(s, MemorySource) for s in request.data.sources)
+    num_workers = opts.num_workers if opts.num_workers >= 0 else (0 if in_memory else 1)
+    if num_workers > 0:
+        # an (epoch, index) sampler: each item carries its epoch; workers are started per epoch
+        # (not persistent) so that the loop's RNG isolation covers their seeds and resume is exact
+        loader = DataLoader(dataset, batch_size=opts.batch_sets, sampler=dataset.epoch_indices(),
+                            num_workers=num_workers, persistent_workers=False, prefetch_factor=4,
+                            worker_init_fn=_worker_init)
+    else:
+        loader = DataLoader(dataset, batch_size=opts.batch_sets, shuffle=False, num_workers=0)
     tcfg = TrainConfig(
         max_steps=opts.steps, lr=opts.lr, weight_decay=opts.weight_decay, warmup_steps=min(opts.warmup, opts.steps),
         min_lr_ratio=opts.min_lr_ratio, grad_clip=opts.grad_clip or None, grad_accum=opts.grad_accum,
@@ -509,13 +559,17 @@ def train_state(request: Any) -> dict:
         val_every=opts.val_every, progress=opts.progress, tensorboard=opts.tensorboard,
     )
     fingerprint = {"model": cfg.to_dict(), "options": asdict(opts), "genes": len(genes), "perts": pert_vocab,
-                   "labels": label_vocab,
-                   "contexts": ctx_vocab, "seed": request.seed}
-    _check_resume(run_dir / TRAIN_SUBDIR / "checkpoints" / "last.pt", fingerprint, opts)
-    val_fn = _make_val_fn(X, labels, val_groups, cfg, opts, model, bridge) if val_groups else None
+                   "labels": label_vocab, "contexts": ctx_vocab, "seed": request.seed,
+                   "data": dict(getattr(request, "fingerprint", {}) or {})}
+    # resume refuses another run's checkpoint: data files, rows, preprocessing, model and the
+    # options that change the result (celltwin.train.fit compares TrainConfig.fingerprint)
+    tcfg.fingerprint = {**{k: v for k, v in fingerprint.items() if k != "options"},
+                        "options": _resume_key(fingerprint["options"])}
+    val_fn = _make_val_fn(request.data, pre, labels, val_groups, opts, model, bridge, request.embed_key) \
+        if val_groups else None
     try:
         members = _member_table(label_vocab, {p: i for i, p in enumerate(pert_vocab)})
-        step_fn = _make_step(opts.context_dropout, members, bridge.dim if bridge is not None else None)
+        step_fn = _make_step(opts.context_dropout, members)
         res = fit(model, step_fn, loader, tcfg, val_fn=val_fn, dist_info=info,
                   count_fn=lambda b: int(b["pert"].shape[0] * b["pert"].shape[1]), extra_state=fingerprint)
         if info.is_main:
@@ -531,7 +585,8 @@ def train_state(request: Any) -> dict:
             "precision": res.precision,
             "final_losses": res.last_losses, "val": res.last_val,
             "val_pairs": [list(g) for g in val_groups], "world_size": info.world_size,
-            "options": asdict(opts), "input_space": opts.input_space,
+            "options": asdict(opts), "input_space": input_space, "output_space": output_space,
+            "num_workers": num_workers,
             **({"se": {"model": se_how, "bridge": bridge.note, "dim": bridge.dim}} if bridge is not None else {}),
         }
     }
@@ -548,28 +603,25 @@ def train_state_se(request: Any) -> dict:
     return train_state(replace(request, options=options))
 
 
-def _check_resume(ckpt: Path, fingerprint: dict, opts: StateOptions) -> None:
-    if not (opts.resume and ckpt.exists()):
-        return
-    from celltwin.train import load_checkpoint
-
-    old = (load_checkpoint(ckpt.parent) or {}).get("extra", {})
-    a = {k: v for k, v in old.items() if k != "options"}
-    b = {k: v for k, v in fingerprint.items() if k != "options"}
-    if a != b or _resume_key(old.get("options", {})) != _resume_key(fingerprint["options"]):
-        raise ConfigError(f"{ckpt}: a checkpoint of a different configuration or data exists; "
-                          "remove the run directory or pass --set resume=false")
-
-
 def _resume_key(options: dict) -> dict:
     # options that may change between a killed run and its resumption without changing the result
-    free = {"resume", "progress", "tensorboard", "threads", "ckpt_every", "log_every", "steps", "val_every"}
+    free = {"resume", "progress", "tensorboard", "threads", "ckpt_every", "log_every", "steps", "val_every",
+            "num_workers"}
     return {k: v for k, v in options.items() if k not in free}
 
 
-def _make_val_fn(X: np.ndarray, labels: Any, val_groups: list[tuple[str, str]], cfg: STConfig,
-                 opts: StateOptions, model: StateTransition, bridge: SEBridge | None = None):
-    """Validation: predict the held-out groups from their context's controls, score with celltwin.eval."""
+#: control cells per context read for validation (a random subset when a context has more)
+VAL_MAX_CONTROLS = 2048
+
+
+def _make_val_fn(data: Any, pre: Any, labels: Any, val_groups: list[tuple[str, str]], opts: StateOptions,
+                 model: StateTransition, bridge: SEBridge | None = None, embed_key: str | None = None):
+    """Validation: predict the held-out groups from their context's controls, score with celltwin.eval.
+
+    Cells are read from disk at each validation: the held-out groups' real cells and up to
+    :data:`VAL_MAX_CONTROLS` control cells per context (a fixed random subset, seed 0), so memory
+    stays bounded on large screens.
+    """
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -580,19 +632,27 @@ def _make_val_fn(X: np.ndarray, labels: Any, val_groups: list[tuple[str, str]], 
     for c, p in val_groups:
         by_ctx.setdefault(c, []).append(p)
     ctrl_rows = labels.control_rows()
+    pick = np.random.default_rng(0)
+    ctrl_rows = {c: (np.sort(pick.choice(r, VAL_MAX_CONTROLS, replace=False)) if r.size > VAL_MAX_CONTROLS else r)
+                 for c, r in ctrl_rows.items()}
 
     def val(m: torch.nn.Module, step: int) -> dict[str, float]:
         pred = _Predictor(m, opts.zero_below, bridge)
+        if pred.output_space == "embedding":  # no gene output to score
+            return {}
         rng = np.random.default_rng(0)
         sums: dict[str, list[float]] = {}
         for c, ps in sorted(by_ctx.items()):
-            C = X[ctrl_rows[c]]
+            C = data.read_model(ctrl_rows[c], pre)  # (m, G)
+            E = data.read_rows(ctrl_rows[c], obsm_key=embed_key) if embed_key else None
+            E = E.toarray() if E is not None and sp.issparse(E) else E
             blocks, lab, real_rows = [], [], []
             for p in ps:
                 rows = labels.rows[(labels.context == c) & (labels.pert == p)]
                 real_rows.append(rows)
                 idx = rng.choice(C.shape[0], size=rows.size, replace=rows.size > C.shape[0])
-                blocks.append(pred.predict(C[idx], p, c, rng))
+                kw = {"inputs": E[idx]} if E is not None else {}
+                blocks.append(pred.predict(C[idx], p, c, rng, **kw))
                 lab += [p] * rows.size
             n_ctrl = C.shape[0]
             plab = lab + [CONTROL_LABEL] * n_ctrl
@@ -600,7 +660,7 @@ def _make_val_fn(X: np.ndarray, labels: Any, val_groups: list[tuple[str, str]], 
                             obs=pd.DataFrame({PERT_COL: plab}, index=[f"p{i}" for i in range(len(plab))]))
             rr = np.concatenate(real_rows)
             rlab = [str(x) for x in labels.pert[np.searchsorted(labels.rows, rr)]] + [CONTROL_LABEL] * n_ctrl
-            ra = ad.AnnData(sp.csr_matrix(np.vstack([X[rr], C])),
+            ra = ad.AnnData(sp.vstack([data.read_model(rr, pre, dense=False), sp.csr_matrix(C)], format="csr"),
                             obs=pd.DataFrame({PERT_COL: rlab}, index=[f"r{i}" for i in range(len(rlab))]))
             res = evaluate(pa, ra, config=EvalConfig(progress=False))
             mean = res.agg.set_index("statistic").loc["mean"]
@@ -624,12 +684,21 @@ class _Predictor:
         self._pert_lookup: tuple[Any, Any] | None = None
         self.from_table: set[str] = set()  # genes added from the table after training
         self.bridge = bridge  # embedding input: run-space cells -> SE embeddings
-        if model.config.input_space == "embedding" and (bridge is None or model.gene_decoder is None):
-            raise ConfigError("ST on embeddings needs its SE model and a gene decoder (n_genes > 0)")
+        if (model.config.input_space == "embedding" and not (model.vocab.get("embed_key"))
+                and (bridge is None or model.gene_decoder is None)):
+            raise ConfigError("ST on SE embeddings needs its SE model and a gene decoder (n_genes > 0)")
         v = model.vocab
         self.genes: list[str] = list(v.get("genes", []))
         self.pert_ids = {p: i for i, p in enumerate(v.get("perturbations", []))}
         self.ctx_ids = {c: i for i, c in enumerate(v.get("contexts", []))}
+        self.output_space = model.config.output_space
+        self.embed_key = (v.get("embed_key") or [None])[0]
+        pos = {g: i for i, g in enumerate(self.genes)}
+        self.input_idx = (np.array([pos[g] for g in v["input_genes"]], dtype=np.int64)
+                          if v.get("input_genes") else None)
+        # names of the predicted columns: the run's genes, or the embedding's dimensions
+        self.output_names = (self.genes if self.output_space != "embedding"
+                             else [f"{self.embed_key or 'emb'}_{i}" for i in range(model.config.input_dim)])
 
     def _members(self, perturbation: str) -> list[int] | None:
         """Member ids of a label (None when a member is outside the vocabulary and has no vector)."""
@@ -668,13 +737,32 @@ class _Predictor:
         src = "model:gene-embedding" if any(g in self.from_table for g in split_combo(perturbation)) else "model"
         return src if context is None or context in self.ctx_ids else f"{src}:unknown-context"
 
+    def _inputs(self, controls: np.ndarray, inputs: np.ndarray | None) -> np.ndarray:
+        """The model's input rows for these control cells (genes, HVG columns, obsm rows or SE)."""
+        if self.bridge is not None:
+            return self.bridge.embed(controls, cache=True)  # (n, E)
+        if self.embed_key is not None:
+            if inputs is None:
+                raise InputError(f"this run reads obsm[{self.embed_key!r}] (--embed-key): give the control "
+                                 "cells' embeddings (celltwin predict reads them from the data file)")
+            return np.ascontiguousarray(inputs, dtype=np.float32)
+        if self.input_idx is not None:
+            return np.ascontiguousarray(controls[:, self.input_idx])
+        return controls
+
     @torch.no_grad()
     def predict(self, controls: np.ndarray, perturbation: str, context: str | None,
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator, inputs: np.ndarray | None = None) -> np.ndarray:
+        """Predicted cells (n, len(output_names)) for ``controls`` (n, G) model-space genes.
+
+        ``inputs`` (n, D): the control cells' ``obsm[embed_key]`` rows for an ``--embed-key`` run.
+        """
         controls = np.asarray(controls, dtype=np.float32)
         n = controls.shape[0]
         ids = self._members(perturbation)
         if ids is None or n == 0:
+            if self.output_space == "embedding":
+                return self._inputs(controls, inputs).copy()
             return controls.copy()
         m = self.model
         was_training = m.training
@@ -682,17 +770,18 @@ class _Predictor:
         device = next(m.parameters()).device
         S = m.config.set_size
         order = rng.permutation(n)
-        out = np.empty_like(controls)  # (n, G)
-        inputs = self.bridge.embed(controls, cache=True) if self.bridge is not None else controls  # (n, E) | (n, G)
-        key = "genes" if self.bridge is not None else "pred"
+        x_in = self._inputs(controls, inputs)  # (n, D)
+        key = "genes" if self.output_space == "all" else "pred"
+        out = np.empty((n, len(self.output_names)), dtype=np.float32)  # (n, G) or (n, E)
         pid = torch.tensor([ids], device=device)  # (1, K)
         cid = torch.tensor([self.ctx_ids.get(context, 0) if context is not None else 0], device=device)
         for chunk in np.array_split(order, math.ceil(n / S)):
-            x = torch.from_numpy(inputs[chunk]).to(device)[None]  # (1, s, D)
-            genes = torch.from_numpy(controls[chunk]).to(device)[None] if self.bridge is not None else None
+            x = torch.from_numpy(x_in[chunk]).to(device)[None]  # (1, s, D)
+            genes = torch.from_numpy(controls[chunk]).to(device)[None] if key == "genes" else None
             y = m(x, pid, cid if m.context_emb is not None else None, ctrl_genes=genes)[key][0]  # (s, G)
             out[chunk] = y.float().cpu().numpy()
-        out[out < self.zero_below] = 0.0
+        if self.output_space != "embedding":
+            out[out < self.zero_below] = 0.0
         if was_training:
             m.train()
         return out
@@ -710,7 +799,7 @@ class StatePredictor(_Predictor):
         meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
         zero_below = float(meta.get("state", {}).get("options", {}).get("zero_below", 0.01))
         bridge = None
-        if model.config.input_space == "embedding":
+        if model.config.input_space == "embedding" and not model.vocab.get("embed_key"):
             from celltwin.data.preprocess import Preprocessing
             from celltwin.models.state_embedding import StateEmbeddingModel
 

@@ -9,7 +9,9 @@ Architecture (one file, nanoGPT-like; shapes in comments)::
     tokens (B, S, H) --Llama encoder: n_layers x [RMSNorm, bidirectional SDPA attention, RMSNorm, SwiGLU]--> (B, S, H)
     --> output head Linear --> delta (B, S, D)
     expression input:  out = softplus(softplus^-1(max(ctrl, 1e-3)) + delta)   (residual on the basal input)
-    embedding input:   out = ctrl + delta;  genes = gene decoder MLP(out) -> softplus -> (B, S, G)
+    embedding input:   out = ctrl + delta
+    output_space="all" (HVG or embedding in, G genes out):
+                       genes = gene decoder MLP(out) -> softplus -> (B, S, G)
                        with ctrl_genes (B, S, G) and decoder_residual (default):
                        genes = softplus(softplus^-1(max(ctrl_genes, 1e-3)) + dec(out) - dec(ctrl))
 
@@ -48,6 +50,7 @@ from celltwin.nn import MLP, LlamaEncoder
 __all__ = ["STConfig", "PRESETS", "StateTransition", "sample_counts", "inverse_softplus"]
 
 _INPUT_SPACES = ("expression", "embedding")
+_OUTPUT_SPACES = ("gene", "all", "embedding")
 _BASAL_FLOOR = 1e-3
 
 
@@ -62,7 +65,12 @@ class STConfig:
     n_contexts: int = 0  # context vocabulary (+1 for "unknown" = index 0); 0 = no context token
     n_batches: int = 0  # batch vocabulary (+1 for "unknown" = index 0); 0 = no batch token
     input_space: str = "expression"  # expression | embedding
-    n_genes: int = 0  # G for input_space="embedding": gene decoder output (0 = no decoder)
+    # what the model predicts (arc-state's output_space): "gene" = the input genes (expression input),
+    # "all" = n_genes genes through a decoder from the input space (HVG or embedding in, every gene out),
+    # "embedding" = the input embedding only (no decoder). "" = derived: expression -> gene,
+    # embedding -> all when n_genes > 0, else embedding.
+    output_space: str = ""
+    n_genes: int = 0  # G of the gene decoder (output_space="all"); 0 = no decoder
     # --- architecture (defaults: the published ST configuration)
     hidden: int = 696  # H
     n_layers: int = 8
@@ -100,8 +108,21 @@ class STConfig:
         if bad or not self.loss_weights or any(w < 0 for w in self.loss_weights.values()):
             raise ConfigError(f"STConfig.loss_weights: expected non-negative weights for {LOSSES}, "
                               f"got {self.loss_weights}")
-        if self.input_space == "expression" and self.n_genes not in (0, self.input_dim):
-            raise ConfigError(f"STConfig.n_genes must be 0 or input_dim for expression input, got {self.n_genes}")
+        if not self.output_space:
+            if self.input_space == "expression":
+                self.output_space = "all" if self.n_genes not in (0, self.input_dim) else "gene"
+            else:
+                self.output_space = "all" if self.n_genes else "embedding"
+        if self.output_space not in _OUTPUT_SPACES:
+            raise ConfigError(f"STConfig.output_space must be one of {_OUTPUT_SPACES}, got {self.output_space!r}")
+        if self.output_space == "gene" and self.input_space != "expression":
+            raise ConfigError("STConfig.output_space='gene' needs expression input (use 'all' or 'embedding')")
+        if self.output_space == "embedding" and self.input_space != "embedding":
+            raise ConfigError("STConfig.output_space='embedding' needs embedding input")
+        if self.output_space == "all" and self.n_genes < 1:
+            raise ConfigError(f"STConfig.output_space='all' needs n_genes >= 1, got {self.n_genes}")
+        if self.output_space == "gene":
+            self.n_genes = 0
         self.loss_weights = {str(k): float(v) for k, v in self.loss_weights.items()}
 
     @classmethod
@@ -165,7 +186,7 @@ class StateTransition(nn.Module):
         self.transformer = LlamaEncoder(H, c.n_layers, c.n_heads, c.mlp_hidden, c.norm_eps, c.dropout)
         self.head = nn.Linear(H, c.input_dim)
         self.gene_decoder = (MLP(c.input_dim, H, c.n_genes, c.decoder_layers, c.dropout)
-                             if c.input_space == "embedding" and c.n_genes else None)
+                             if c.output_space == "all" else None)
         self.transformer.apply(self._init)
         for mlp in (self.basal_encoder, self.pert_encoder, self.gene_decoder):
             if mlp is not None:
@@ -237,13 +258,13 @@ class StateTransition(nn.Module):
             out = {"pred": F.softplus(base + delta.float())}  # (B, S, D) > 0
         else:
             out = {"pred": (ctrl + delta) if self.config.predict_residual else delta}
-            if self.gene_decoder is not None:
-                dec = self.gene_decoder(out["pred"]).float()  # (B, S, G)
-                if self.config.decoder_residual and ctrl_genes is not None:
-                    # the decoder carries the perturbation's shift; the basal cell keeps its own genes
-                    base_g = inverse_softplus(ctrl_genes.float().clamp_min(_BASAL_FLOOR))
-                    dec = base_g + dec - self.gene_decoder(ctrl).float()
-                out["genes"] = F.softplus(dec)  # (B, S, G) > 0
+        if self.gene_decoder is not None:
+            dec = self.gene_decoder(out["pred"]).float()  # (B, S, G)
+            if self.config.decoder_residual and ctrl_genes is not None:
+                # the decoder carries the perturbation's shift; the basal cell keeps its own genes
+                base_g = inverse_softplus(ctrl_genes.float().clamp_min(_BASAL_FLOOR))
+                dec = base_g + dec - self.gene_decoder(ctrl).float()
+            out["genes"] = F.softplus(dec)  # (B, S, G) > 0
         return out
 
     def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor,

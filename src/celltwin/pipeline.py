@@ -1,0 +1,390 @@
+"""``celltwin train`` / ``celltwin predict`` on files, streamed: bounded memory at any screen size.
+
+Training data (:func:`open_training_data`): the split TOML's ``[datasets]`` (each value one
+``.h5ad``, a folder or a glob; several datasets allowed), or ``--data`` for a one-dataset split.
+The files are read lazily as one :class:`~celltwin.data.dataset.CellDataset` (genes aligned by
+name, global labels); the split is resolved dataset by dataset (:func:`resolve_dataset_split`).
+A split may hold out nothing: every cell then trains, and ``celltwin predict --counts`` names
+what to predict.
+
+Prediction (:func:`predict_from_files`) follows the policy of :mod:`celltwin.predict` (one
+context per file; cells per perturbation from ``--counts`` or the real test cells; control cells
+drawn with ``numpy.random.default_rng(seed)`` without replacement when there are enough) but
+never holds more than one perturbation's cells: each perturbation's control draw is read from
+disk, predicted and appended to the output as a CSR block (:class:`~celltwin.data.writer.CSRH5adWriter`),
+then the context's control cells are streamed in blocks. ``--write-real`` streams the real cells
+the same way. ``--repeat-mean`` uses the mean control cell, accumulated block by block.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
+from celltwin.errors import ConfigError, InputError
+
+__all__ = ["open_training_data", "resolve_dataset_split", "DatasetSplit", "train_from_files",
+           "predict_from_files", "PredictSummary"]
+
+#: control cells per streamed output block
+_BLOCK = 2048
+
+
+@dataclass
+class DatasetSplit:
+    """A split applied to a :class:`CellDataset`: training rows and the (context, perturbation) pairs held out."""
+
+    train_rows: np.ndarray  # (n_train,) int64 sorted global rows
+    test_pairs: list[tuple[str, str]]  # sorted (context, perturbation); controls never listed
+    test_rows: np.ndarray  # perturbed test cells
+    test_control_rows: np.ndarray
+
+
+def open_training_data(split_path: str | Path, data: str | Path | None = None, columns=None):
+    """``(CellDataset, Split)``: the split's datasets (or ``data`` for a one-dataset split), lazily."""
+    from celltwin.data.dataset import CellDataset, DatasetFiles, expand_location
+    from celltwin.data.split import read_split
+
+    split = read_split(split_path)
+    if data is not None:
+        if len(split.datasets) != 1:
+            msg = (f"--data: the split {split_path} names {len(split.datasets)} datasets "
+                   f"({', '.join(split.datasets)}); leave --data out to read the split's own [datasets]")
+            raise ConfigError(msg)
+        name = next(iter(split.datasets))
+        entries = [DatasetFiles(name, tuple(expand_location(data, f"--data {data}")))]
+    else:
+        entries = [DatasetFiles(n, tuple(expand_location(split.dataset_path(n), f"{split_path} [datasets] {n}")))
+                   for n in split.datasets]
+    return CellDataset.from_files(entries, columns), split
+
+
+def resolve_dataset_split(dataset, split, zeroshot_controls_in_train: bool = False,
+                          require_test: bool = False) -> DatasetSplit:
+    """Resolve ``split`` on every dataset of ``dataset`` (see :func:`celltwin.data.split.resolve_split`)."""
+    from celltwin.data.columns import ObsColumns
+    from celltwin.data.dataset import DATASET_COL
+    from celltwin.data.split import resolve_split
+
+    canon = ObsColumns(PERT_COL, CONTROL_LABEL, CONTEXT_COL, None)
+    ds_names = dataset.obs[DATASET_COL].to_numpy(dtype=object)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("train", "test", "test_controls")}
+    for name in split.datasets:
+        rows = np.flatnonzero(ds_names == name)
+        if rows.size == 0:
+            continue
+        obs = dataset.obs.iloc[rows]
+        where = ", ".join(sorted({dataset.sources[int(k)].name for k in np.unique(obs["_file"])}))
+        idx = resolve_split(split, obs, canon, dataset=name, where=where,
+                            zeroshot_controls_in_train=zeroshot_controls_in_train)
+        for k in parts:
+            parts[k].append(rows[getattr(idx, k)])
+    cat = {k: (np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64)) for k, v in parts.items()}
+    pert = dataset.obs[PERT_COL].to_numpy(dtype=object)
+    ctx = dataset.obs[CONTEXT_COL].to_numpy(dtype=object)
+    t = cat["test"]
+    pairs = sorted({(str(ctx[i]), str(pert[i])) for i in t if pert[i] != CONTROL_LABEL})
+    if require_test and not pairs:
+        msg = f"split {split.path}: no test perturbation in {dataset.name} (the split holds out nothing to predict)"
+        raise InputError(msg)
+    return DatasetSplit(cat["train"], pairs, t, cat["test_controls"])
+
+
+def train_from_files(model: str, data: str | Path | None, split: str | Path, out: str | Path, *, seed: int = 0,
+                     options: dict[str, str] | None = None, columns=None, inputs=None,
+                     zeroshot_controls_in_train: bool = False) -> dict:
+    """``celltwin train``: train ``model`` on the split's training cells, read from disk block by block."""
+    from celltwin.predict import _entry, train_run
+
+    _entry(model)  # unknown model names fail before any reading
+    dataset, sp = open_training_data(split, data, columns)
+    rs = resolve_dataset_split(dataset, sp, zeroshot_controls_in_train)
+    if rs.train_rows.size == 0:
+        msg = f"split {split}: selects 0 training cells in {dataset.name}"
+        raise InputError(msg)
+    extra = {"data": [str(f) for f in dataset.files], "split": str(split), "columns": dataset.columns.to_dict(),
+             "test_pairs": [list(p) for p in rs.test_pairs],
+             "zeroshot_controls_in_train": bool(zeroshot_controls_in_train)}
+    return train_run(model, dataset, out, seed=seed, options=options, extra_meta=extra, rows=rs.train_rows,
+                     inputs=inputs)
+
+
+@dataclass
+class PredictSummary:
+    """What :func:`predict_from_files` wrote."""
+
+    path: str
+    context: str
+    n_obs: int
+    perturbations: list[str]
+    n_cells: list[int]
+    sources: dict[str, str] = field(default_factory=dict)
+    uns: dict[str, Any] = field(default_factory=dict)
+
+
+def _controls_dataset(path: str | Path, columns):
+    """Control cells of another file (rows labelled control when the pert column exists, else all)."""
+    from celltwin.data.columns import ObsColumns
+    from celltwin.data.dataset import CellDataset
+    from celltwin.data.source import H5adSource
+
+    src = H5adSource(path)
+    cols = columns or ObsColumns()
+    if cols.pert_col in src.obs.columns:
+        ds = CellDataset([src], ["controls"], cols)
+        rows = np.flatnonzero(ds.obs[PERT_COL].to_numpy() == CONTROL_LABEL)
+    else:
+        import pandas as pd
+
+        src.obs = src.obs.assign(**{cols.pert_col: pd.Categorical([cols.control_label] * src.n_obs)})
+        ds = CellDataset([src], ["controls"], cols)
+        rows = np.arange(ds.n_obs)
+    if rows.size == 0:
+        msg = f"controls file {path}: no control cells (obs[{cols.pert_col!r}] == {cols.control_label!r})"
+        raise InputError(msg)
+    return ds, rows
+
+
+def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | Path, *,
+                       split: str | Path | None = None, counts: str | Path | None = None,
+                       controls: str | Path | None = None, perturbations: Sequence[str] | None = None,
+                       context: str | None = None, repeat_mean: bool = False,
+                       write_real: str | Path | None = None, seed: int = 0, columns=None,
+                       sample_counts: str | None = None, nb_theta: float = 10.0) -> PredictSummary:
+    """``celltwin predict`` (see the module docstring); returns what was written.
+
+    ``data`` may be ``None`` when ``split`` is given (the split's datasets are read), else it is
+    the file (folder, glob) holding the context's control cells.
+    """
+    import pandas as pd
+
+    from celltwin.data.columns import ObsColumns
+    from celltwin.data.dataset import CellDataset
+    from celltwin.data.inputs import load_inputs
+    from celltwin.data.preprocess import Preprocessing
+    from celltwin.predict import load_predictor, read_counts_csv, read_run
+
+    meta, genes = read_run(run_dir)
+    pre = Preprocessing.load(run_dir)
+    inputs = load_inputs(run_dir)
+    if sample_counts not in (None, "poisson", "nb"):
+        msg = f"predict: sample_counts must be 'poisson' or 'nb', got {sample_counts!r}"
+        raise ConfigError(msg)
+    if columns is None and "columns" in meta:
+        columns = ObsColumns.from_dict(meta["columns"])
+    table = read_counts_csv(counts) if counts is not None else None
+    if split is not None:
+        dataset, sp_obj = open_training_data(split, data, columns)
+        rs = resolve_dataset_split(dataset, sp_obj, bool(meta.get("zeroshot_controls_in_train", False)))
+        pairs = list(rs.test_pairs)
+    else:
+        if data is None:
+            raise ConfigError("predict: give --data (or --split, whose datasets are read)")
+        if not perturbations and table is None:
+            raise ConfigError("predict: give --split, --perturbations or --counts (nothing to predict)")
+        dataset = CellDataset.from_path(data, columns)
+        pairs = []
+    from celltwin._io import check_outputs
+
+    check_outputs({"-o/--output": out, "--write-real": write_real},
+                  {f"data file {f}": f for f in dataset.files if Path(f).exists()})
+    where = str(data) if data is not None else dataset.name
+    ctx_all = dataset.obs[CONTEXT_COL].to_numpy(dtype=object)
+    pert_all = dataset.obs[PERT_COL].to_numpy(dtype=object)
+    contexts_present = sorted(set(ctx_all.tolist()))
+    explicit = list(perturbations) if perturbations else (list(table) if (table is not None and not pairs) else None)
+    if explicit is not None:
+        if context is None:
+            ctxs = sorted({c for c, _ in pairs}) or contexts_present
+            if len(ctxs) != 1:
+                msg = f"predict: give --context; the data has several contexts ({', '.join(ctxs)})"
+                raise ConfigError(msg)
+            context = ctxs[0]
+        pairs = [(context, p) for p in explicit]
+    if context is not None:
+        if context not in set(contexts_present):
+            msg = f"predict: context {context!r} not found in {where}; contexts present: {', '.join(contexts_present)}"
+            raise InputError(msg)
+        pairs = [(c, p) for c, p in pairs if c == context]
+    if not pairs:
+        msg = f"predict: no perturbation to predict{f' in context {context!r}' if context else ''}"
+        raise InputError(msg)
+    ctxs = sorted({c for c, _ in pairs})
+    if len(ctxs) > 1:
+        msg = f"predict: the test pairs span several contexts ({', '.join(ctxs)}); pick one with --context"
+        raise ConfigError(msg)
+    ctx = ctxs[0]
+    in_ctx = ctx_all == ctx
+    perts = [p for _, p in pairs]
+    if table is not None:
+        missing = [p for p in perts if p not in table]
+        if missing:
+            msg = f"counts file {counts}: no n_cells row for {', '.join(missing[:10])}"
+            raise InputError(msg)
+        n_cells = [table[p] for p in perts]
+    else:
+        n_cells = [int(np.sum(in_ctx & (pert_all == p))) for p in perts]
+        zero = [p for p, n in zip(perts, n_cells, strict=True) if n == 0]
+        if zero:
+            msg = (f"predict: no real cells of {', '.join(zero[:10])} in context {ctx!r} of {where} to take the "
+                   f"number of cells from; give --counts (a {PERT_COL},n_cells CSV)")
+            raise InputError(msg)
+    if controls is not None:
+        cdata, crows = _controls_dataset(controls, columns)
+    else:
+        cdata, crows = dataset, np.flatnonzero(in_ctx & (pert_all == CONTROL_LABEL))
+        if crows.size == 0:
+            label = dataset.columns.control_label if dataset.columns is not None else CONTROL_LABEL
+            msg = f"predict: context {ctx!r} of {where} has no control cells (label {label!r})"
+            raise InputError(msg)
+    for s in cdata.sources:  # every run gene must be in the control file(s)
+        pre.gene_index(s.var_names, f"data file {s.name}" if controls is None else f"controls file {s.name}")
+    if inputs["embed_key"] and inputs["embed_key"] not in cdata.obsm_keys():
+        msg = (f"{cdata.name}: the run reads obsm[{inputs['embed_key']!r}] (--embed-key), which the control "
+               f"file lacks; available: {', '.join(cdata.obsm_keys()) or '(none)'}")
+        raise InputError(msg)
+
+    predictor = load_predictor(run_dir)
+    out_names = list(getattr(predictor, "output_names", genes))
+    m = int(crows.size)
+    n_pred = int(sum(n_cells))
+    labels = [p for p, n in zip(perts, n_cells, strict=True) for _ in range(n)] + [CONTROL_LABEL] * m
+    obs = pd.DataFrame({PERT_COL: pd.Categorical(labels), CONTEXT_COL: pd.Categorical([ctx] * len(labels))},
+                       index=pd.Index([f"pred_{i}" for i in range(len(labels))]))
+    var = pd.DataFrame(index=pd.Index(out_names))
+    rng = np.random.default_rng(seed)
+    counts_rng = np.random.default_rng([seed, 7])
+    target_sum = pre.target_sum
+    lib = None
+    if sample_counts is not None:
+        if target_sum is None:
+            raise ConfigError("--sample-counts: the run was trained on log-normalised data (no normalize_total "
+                              "target), so there is no count scale to sample on")
+        if not _looks_like_counts(cdata):
+            raise InputError("--sample-counts: the control cells do not hold integer counts")
+        lib = cdata.library_sizes(crows)
+        lib_draw = lib[counts_rng.integers(0, m, size=n_pred)]
+    mean_ctrl = _mean_control(cdata, crows, pre) if repeat_mean else None
+    sources: dict[str, str] = {}
+    replaced: list[str] = []
+    describe = getattr(predictor, "describe", None)
+    uns = {"celltwin_predict": {
+        "context": ctx, "repeat_mean": bool(repeat_mean), "seed": int(seed),
+        "model": str(meta.get("model")), "run": str(run_dir), "output_space": inputs["output_space"]}}
+    from celltwin.data.writer import CSRH5adWriter
+
+    with CSRH5adWriter(out, obs, var) as w:
+        done = 0
+        for pert, n in zip(perts, n_cells, strict=True):
+            with_repl = n > m
+            if with_repl:
+                replaced.append(pert)
+            idx = rng.choice(m, size=n, replace=with_repl)
+            if repeat_mean:
+                base = np.repeat(mean_ctrl, n, axis=0)
+                emb = None
+            else:
+                r = crows[idx]
+                base = cdata.read_model(r, pre)  # (n, G) float32
+                emb = _read_obsm(cdata, r, inputs["embed_key"]) if inputs["embed_key"] else None
+            kw = {"inputs": emb} if emb is not None else {}
+            pred = np.asarray(predictor.predict(base, pert, ctx, rng, **kw), dtype=np.float32)
+            if pred.shape != (n, len(out_names)):
+                msg = f"model returned shape {pred.shape} for {pert!r}, expected {(n, len(out_names))}"
+                raise InputError(msg)
+            if not np.isfinite(pred).all():
+                msg = (f"run {run_dir}: the model predicts non-finite values for {pert!r} (diverged or corrupted "
+                       "weights); retrain it, e.g. with a lower learning rate")
+                raise InputError(msg)
+            if sample_counts is not None:
+                from celltwin.data.preprocess import sample_counts as draw
+
+                pred = draw(pred, lib_draw[done:done + n], float(target_sum), counts_rng, dist=sample_counts,
+                            theta=nb_theta).astype(np.float32)
+            w.append(pred)
+            done += n
+            if describe is not None:
+                sources[pert] = str(describe(pert, ctx))
+        for start in range(0, m, _BLOCK):
+            r = crows[start:start + _BLOCK]
+            if inputs["output_space"] == "embedding":
+                w.append(_read_obsm(cdata, r, inputs["embed_key"]))
+            elif sample_counts is not None:
+                w.append(_raw_genes(cdata, r, pre))
+            else:
+                w.append(cdata.read_model(r, pre, dense=False))
+        info = uns["celltwin_predict"]
+        info["sources"] = json.dumps(sources)
+        info["controls_drawn_with_replacement"] = json.dumps(replaced)
+        if sample_counts is not None:
+            info["counts"] = json.dumps({
+                "dist": sample_counts, "theta": nb_theta if sample_counts == "nb" else None,
+                "target_sum": float(target_sum),
+                "library_sizes": "totals of the context's real control cells, drawn with replacement"})
+        w.uns = uns
+    if write_real is not None:
+        _write_real(dataset, ctx, perts, out_names, write_real, inputs)
+    return PredictSummary(str(out), ctx, len(labels), perts, n_cells, sources, uns)
+
+
+def _looks_like_counts(cdata) -> bool:
+    from celltwin.data.preprocess import looks_like_counts
+
+    return looks_like_counts(cdata)
+
+
+def _read_obsm(cdata, rows: np.ndarray, key: str) -> np.ndarray:
+    import scipy.sparse as sp
+
+    b = cdata.read_rows(rows, obsm_key=key)
+    return b.toarray() if sp.issparse(b) else np.asarray(b, dtype=np.float32)
+
+
+def _raw_genes(cdata, rows: np.ndarray, pre):
+    """Raw values of the run's genes (no normalisation), CSR float32."""
+    import scipy.sparse as sp
+
+    from celltwin.data.preprocess import Preprocessing
+
+    raw = Preprocessing(genes=list(pre.genes), target_sum=None, log1p=False)
+    return sp.csr_matrix(cdata.read_model(rows, raw, dense=False), dtype=np.float32)
+
+
+def _mean_control(cdata, rows: np.ndarray, pre) -> np.ndarray:
+    """(1, G) float32 mean of the control cells in model space (float64 sums, row order)."""
+    from celltwin.baselines._effects import GroupSums
+
+    sums = GroupSums(1, len(pre.genes))
+    for start in range(0, rows.size, _BLOCK):
+        r = rows[start:start + _BLOCK]
+        sums.add(cdata.read_model(r, pre, dense=False), np.zeros(r.size, np.int64))
+    return sums.means()[0].astype(np.float32)
+
+
+def _write_real(dataset, ctx: str, perts: list[str], out_names: list[str], path, inputs: dict) -> None:
+    """The real cells of ``perts`` and the controls of ``ctx`` (raw values, the run's output genes)."""
+    import pandas as pd
+
+    from celltwin.data.preprocess import Preprocessing
+    from celltwin.data.writer import CSRH5adWriter
+
+    pert_all = dataset.obs[PERT_COL].to_numpy(dtype=object)
+    ctx_all = dataset.obs[CONTEXT_COL].to_numpy(dtype=object)
+    sel = (ctx_all == ctx) & (np.isin(pert_all, perts) | (pert_all == CONTROL_LABEL))
+    rows = np.flatnonzero(sel)
+    obs = pd.DataFrame({PERT_COL: pd.Categorical(pert_all[rows]), CONTEXT_COL: pd.Categorical(ctx_all[rows])},
+                       index=pd.Index(dataset.obs.index[rows].astype(str)))
+    if inputs["output_space"] == "embedding":
+        read = (lambda r: _read_obsm(dataset, r, inputs["embed_key"]))
+    else:
+        raw = Preprocessing(genes=list(out_names), target_sum=None, log1p=False)
+        read = (lambda r: dataset.read_model(r, raw, dense=False))
+    with CSRH5adWriter(path, obs, pd.DataFrame(index=pd.Index(out_names))) as w:
+        for start in range(0, rows.size, _BLOCK):
+            w.append(read(rows[start:start + _BLOCK]))
