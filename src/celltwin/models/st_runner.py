@@ -539,6 +539,7 @@ def train_state(request: Any) -> dict:
         rank=info.rank, world_size=info.world_size,
     )
     dataset = CellSetDataset(request.data, sampler, vocabs, reader=reader)
+    reader(labels.rows[:2])  # compile the read kernels here: forked DataLoader workers inherit them
     from celltwin.data.source import MemorySource
 
     in_memory = all(isinstance(s, MemorySource) for s in request.data.sources)
