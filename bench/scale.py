@@ -79,9 +79,17 @@ def run_step(name: str, cmd: list[str], log: Path, env: dict | None = None) -> d
     return row
 
 
-def loader_share(data: str, split: str, work: Path, cells: int, steps: int) -> dict:
-    """ST throughput (cells/s) reading sets from disk vs from memory, same configuration."""
+def loader_share(data: str, split: str, work: Path, cells: int, steps: int, repeats: int = 3) -> dict:
+    """ST throughput (cells/s) reading sets from disk vs from memory, same configuration.
+
+    The same ``cells`` training cells (a random subset, so that the in-memory copy fits) are
+    trained on from the file (``num_workers`` 0 and 1) and from an in-memory AnnData holding
+    them; the three variants are interleaved ``repeats`` times and the medians reported (the
+    machine's load drifts; back-to-back runs of one variant would fold that drift into the ratio).
+    """
+    import anndata as ad
     import numpy as np
+    import pandas as pd
 
     from celltwin.data.dataset import CellDataset
     from celltwin.data.inputs import InputConfig
@@ -90,25 +98,25 @@ def loader_share(data: str, split: str, work: Path, cells: int, steps: int) -> d
 
     ds, sp = open_training_data(split, data)
     rows = resolve_dataset_split(ds, sp).train_rows
-    # a subset of whole perturbation groups plus controls, so that the in-memory copy fits
-    rng = np.random.default_rng(0)
-    sub = np.sort(rng.choice(rows, size=min(cells, rows.size), replace=False))
-    opts = {"preset": "small", "steps": str(steps), "progress": "false", "tensorboard": "false", "resume": "false"}
-    out = {}
-    for label, nw in (("disk, num_workers=0", "0"), ("disk, num_workers=1", "1")):
-        m = train_run("state", ds, work / f"loader-{nw}", options={**opts, "num_workers": nw}, rows=sub,
-                      inputs=InputConfig())
-        out[label] = m["state"]["cells_per_s"]
-    import anndata as ad
-    import pandas as pd
-
+    sub = np.sort(np.random.default_rng(0).choice(rows, size=min(cells, rows.size), replace=False))
     mem = ad.AnnData(X=ds.read_rows(sub), obs=ds.obs.iloc[sub].copy(), var=pd.DataFrame(index=ds.var_names))
-    m = train_run("state", CellDataset.from_anndata(mem), work / "loader-mem", options={**opts, "num_workers": "0"},
-                  inputs=InputConfig())
-    out["memory"] = m["state"]["cells_per_s"]
-    for k in list(out):
+    mem_ds = CellDataset.from_anndata(mem)
+    opts = {"preset": "small", "steps": str(steps), "progress": "false", "tensorboard": "false", "resume": "false"}
+    variants = [("disk, num_workers=0", ds, sub, "0"), ("disk, num_workers=1", ds, sub, "1"),
+                ("memory", mem_ds, None, "0")]
+    rates: dict[str, list[float]] = {v[0]: [] for v in variants}
+    for rep in range(repeats):
+        for k, (label, data_, rows_, nw) in enumerate(variants):
+            m = train_run("state", data_, work / f"loader-{rep}-{k}", options={**opts, "num_workers": nw},
+                          rows=rows_, inputs=InputConfig())
+            rates[label].append(m["state"]["cells_per_s"])
+            print(f"  loader {label:<22} repeat {rep}: {m['state']['cells_per_s']:.0f} cells/s", flush=True)
+    out: dict[str, float | list[float]] = {f"{k} (runs)": v for k, v in rates.items()}
+    med = {k: float(np.median(v)) for k, v in rates.items()}
+    out.update({f"{k} (median)": v for k, v in med.items()})
+    for k in med:
         if k != "memory":
-            out[f"ratio {k} / memory"] = round(out[k] / out["memory"], 3)
+            out[f"ratio {k} / memory"] = round(med[k] / med["memory"], 3)
     return out
 
 
@@ -122,6 +130,8 @@ def main() -> None:
     ap.add_argument("--hvg", type=int, default=2000)
     ap.add_argument("--loader-cells", type=int, default=20000, help="cells of the disk-vs-memory comparison")
     ap.add_argument("--loader-steps", type=int, default=40)
+    ap.add_argument("--loader-repeats", type=int, default=3)
+    ap.add_argument("--only-loader", action="store_true", help="run only the disk-vs-memory comparison")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip (e.g. state,loader)")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -145,6 +155,12 @@ def main() -> None:
     split = work / "split.toml"
     rows.append(run_step("split", [*exe, "split", args.data, "--context-col", "context", "--target", ctx,
                                    "--holdout", str(args.holdout), "-o", str(split)], work / "split.log"))
+    if args.only_loader:
+        res = {"data": args.data, "loader": loader_share(args.data, str(split), work, args.loader_cells,
+                                                         args.loader_steps, args.loader_repeats)}
+        (work / "loader.json").write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res["loader"], indent=2))
+        return
     import tomllib
 
     test = tomllib.loads(split.read_text())["fewshot"][next(iter(tomllib.loads(split.read_text())["fewshot"]))]["test"]
@@ -179,7 +195,8 @@ def main() -> None:
     result = {"data": args.data, "n_cells": len(obs), "n_genes": n_genes, "steps": rows,
               "total_seconds": round(total, 1)}
     if "loader" not in skip:
-        result["loader"] = loader_share(args.data, str(split), work, args.loader_cells, args.loader_steps)
+        result["loader"] = loader_share(args.data, str(split), work, args.loader_cells, args.loader_steps,
+                                        args.loader_repeats)
         print(json.dumps(result["loader"], indent=2))
     (work / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n| step | wall s | peak RSS GiB |\n|---|---|---|")
