@@ -179,6 +179,7 @@ def test_guarded_save_waits_for_the_cache_lock(tmp_path):
     assert done.is_set() and cf.load(("k", "m")) == [1, 2]
 
 
+@pytest.mark.slow
 def test_kernels_in_bounds_under_boundscheck(tmp_path):
     """Kernel tests (edge cases included) with numba's bounds checking compiled in.
 

@@ -34,8 +34,10 @@ def _finish(p: subprocess.Popen) -> None:
     assert p.returncode == 0, err.decode()[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "shuffle"), [(0, False), (2, True)])
-def test_sigkill_resume_with_real_dataloader_is_bitwise_exact(tmp_path, workers, shuffle, kill_after_checkpoint):
+def test_sigkill_resume_with_real_dataloader_is_bitwise_exact(tmp_path, workers, shuffle,
+                                                              kill_after_checkpoint):
     """Iterating a DataLoader draws from the global torch RNG (worker base_seed; the permutation
     of an unseeded shuffle); the loop isolates those draws, so a run killed after its step-8
     checkpoint and re-run ends with exactly the weights of an uninterrupted run."""

@@ -49,6 +49,7 @@ def _finish(p: subprocess.Popen) -> str:
     return out.decode()
 
 
+@pytest.mark.slow
 def test_embed_fit_killed_and_rerun_matches_uninterrupted(data, tmp_path, kill_after_checkpoint):
     full, killed = tmp_path / "full", tmp_path / "killed"
     p_full = _start(_fit_args(data, full))
