@@ -120,6 +120,43 @@ def loader_share(data: str, split: str, work: Path, cells: int, steps: int, repe
     return out
 
 
+def profile_loader(data: str, split: str, work: Path, cells: int, steps: int = 20) -> None:
+    """Where an ST step's time goes when sets are read from disk in the training process."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+
+    from celltwin.data.inputs import InputConfig
+    from celltwin.pipeline import open_training_data, resolve_dataset_split
+    from celltwin.predict import train_run
+
+    ds, sp = open_training_data(split, data)
+    rows = resolve_dataset_split(ds, sp).train_rows
+    sub = np.sort(np.random.default_rng(0).choice(rows, size=min(cells, rows.size), replace=False))
+    opts = {"preset": "small", "steps": str(steps), "progress": "false", "tensorboard": "false",
+            "resume": "false", "num_workers": "0"}
+    prof = cProfile.Profile()
+    prof.runcall(train_run, "state", ds, work / "profile", options=opts, rows=sub, inputs=InputConfig())
+    st = pstats.Stats(prof)
+    total = st.total_tt
+    print(f"total {total:.1f} s over {steps} steps")
+    # the set reads (SetReader.__call__: disk reads, normalisation, dense scatter; the first call
+    # includes the one-off numba compile), the collation and the backward pass
+    seen: set[str] = set()
+    for (fname, _line, func), (_cc, ncalls, _tt, ct, _callers) in st.stats.items():
+        name = None
+        if func == "__call__" and fname.endswith("st_data.py"):
+            name = "set reads (SetReader)"
+        elif "run_backward" in func:
+            name = "backward pass"
+        elif "built-in method torch.stack" in func:
+            name = "collation (torch.stack)"
+        if name and name not in seen:  # a builtin can be listed under two callers' keys
+            seen.add(name)
+            print(f"  {name:<26} {ncalls:5d} calls  cumulative {ct:6.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="screen .h5ad (celltwin sim --preset vcc)")
@@ -132,6 +169,8 @@ def main() -> None:
     ap.add_argument("--loader-steps", type=int, default=40)
     ap.add_argument("--loader-repeats", type=int, default=3)
     ap.add_argument("--only-loader", action="store_true", help="run only the disk-vs-memory comparison")
+    ap.add_argument("--profile-loader", action="store_true",
+                    help="cProfile 20 ST steps on --loader-cells cells read from disk (num_workers=0)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip (e.g. state,loader)")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -155,6 +194,9 @@ def main() -> None:
     split = work / "split.toml"
     rows.append(run_step("split", [*exe, "split", args.data, "--context-col", "context", "--target", ctx,
                                    "--holdout", str(args.holdout), "-o", str(split)], work / "split.log"))
+    if args.profile_loader:
+        profile_loader(args.data, str(split), work, args.loader_cells)
+        return
     if args.only_loader:
         res = {"data": args.data, "loader": loader_share(args.data, str(split), work, args.loader_cells,
                                                          args.loader_steps, args.loader_repeats)}

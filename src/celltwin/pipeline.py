@@ -291,7 +291,9 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
                 emb = None
             else:
                 r = crows[idx]
-                base = cdata.read_model(r, pre)  # (n, G) float32
+                # an embedding-output run never reads the genes: skip the (n, G) read
+                base = (np.zeros((n, 0), np.float32) if inputs["output_space"] == "embedding"
+                        else cdata.read_model(r, pre))  # (n, G) float32
                 emb = _read_obsm(cdata, r, inputs["embed_key"]) if inputs["embed_key"] else None
             kw = {"inputs": emb} if emb is not None else {}
             pred = np.asarray(predictor.predict(base, pert, ctx, rng, **kw), dtype=np.float32)
