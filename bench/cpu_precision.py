@@ -51,7 +51,7 @@ def step_time(mode: str, steps: int = 10, genes: int = 1500, set_size: int = 64,
     ``profile``: also print the share of the profiled steps' CPU time spent in matrix products
     (``aten::mm`` / ``addmm`` / ``bmm``) and in attention (``scaled_dot_product`` kernels).
     """
-    from celltwin.models import STConfig, StateTransition
+    from celltwin.models import StateTransition, STConfig
 
     torch.manual_seed(0)
     model = StateTransition(STConfig.from_preset("state", input_dim=genes, n_perts=50, n_contexts=2,

@@ -135,9 +135,9 @@ def _child(tool: str, real: str, pred: str, outdir: str, result: str, de_format:
         import polars  # noqa: F401  (writes the DE tables; cell-eval imports it at import time)
         import scipy.spatial.distance  # noqa: F401
 
-        import celltwin.eval._de  # noqa: F401
-        import celltwin.eval._full  # noqa: F401
-        import celltwin.eval._load  # noqa: F401
+        import celltwin.eval._de
+        import celltwin.eval._full
+        import celltwin.eval._load
         import celltwin.eval._rowops  # noqa: F401
         from celltwin.eval import EvalConfig, evaluate
 

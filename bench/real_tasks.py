@@ -4,7 +4,7 @@ Reads ``../shared/data`` (relative to the repository; never copied into it) and 
 "Real tasks" section of ``bench/RESULTS.md`` (between the ``real-tasks`` markers) plus
 ``bench/real_tasks.csv``.
 
-Tasks (split files are built with :func:`celltwin.data.split.make_split` and resolved with the
+Tasks (split files are built with :func:`celltwin.data.split_draw.make_split` and resolved with the
 same code as ``celltwin train``; ``fewshot`` holds out half of the target context's
 perturbations, seed 0; ``zeroshot`` holds out the whole target context, whose controls only are
 seen as prediction inputs):
@@ -110,7 +110,8 @@ def _load(task: Task):
 
 
 def _split(task: Task, kind: str, a, cols, path: Path):
-    from celltwin.data.split import Split, make_split, split_key
+    from celltwin.data.split import Split, split_key
+    from celltwin.data.split_draw import make_split
 
     if kind == "doubles":
         perts = sorted(set(a.obs[task.pert_col].astype(str)) - {task.control})
@@ -133,18 +134,22 @@ def run_task(task: Task, kind: str, models: list[tuple[str, dict[str, str]]], wo
 
     from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
     from celltwin.data.columns import ObsColumns
+    from celltwin.data.dataset import CellDataset
     from celltwin.data.preprocess import Preprocessing
+    from celltwin.data.split import read_split
     from celltwin.demo import pearson_rows
     from celltwin.eval import EvalConfig, evaluate, score
-    from celltwin.predict import (PredictRequest, canonical_obs, load_predictor, predict_cells, resolve_split,
-                                  summarize_sources, train_run)
+    from celltwin.pipeline import resolve_dataset_split
+    from celltwin.predict import PredictRequest, load_predictor, predict_cells, summarize_sources, train_run
 
     a = _load(task)
     cols = ObsColumns(pert_col=task.pert_col, control_label=task.control, context_col=task.context_col,
                       batch_col=None)
     split_path = _split(task, kind, a, cols, workdir / f"{task.name}-{kind}.toml")
-    rs = resolve_split(a, split_path, cols, where=task.file)
-    obs = canonical_obs(a, rs.columns)
+    split = read_split(split_path)
+    dataset = CellDataset.from_anndata(a, cols, name=next(iter(split.datasets)))
+    rs = resolve_dataset_split(dataset, split, require_test=True)
+    obs = dataset.obs  # canonical labels: PERT_COL (controls relabelled CONTROL_LABEL), CONTEXT_COL
     (ctx,) = {c for c, _ in rs.test_pairs}
     test = [p for _, p in rs.test_pairs]
     pert_all = obs[PERT_COL].to_numpy()
@@ -153,8 +158,7 @@ def run_task(task: Task, kind: str, models: list[tuple[str, dict[str, str]]], wo
     n_cells = [int(np.sum(in_ctx & (pert_all == p))) for p in test]
     ctrl_rows = np.flatnonzero(in_ctx & (pert_all == CONTROL_LABEL))
     real_rows = np.flatnonzero(in_ctx & (np.isin(pert_all, test) | (pert_all == CONTROL_LABEL)))
-    train = ad.AnnData(X=a.X[np.flatnonzero(rs.train_mask)], obs=obs.iloc[np.flatnonzero(rs.train_mask)],
-                       var=a.var[[]].copy())
+    train = ad.AnnData(X=a.X[rs.train_rows], obs=obs.iloc[rs.train_rows], var=a.var[[]].copy())
     log(f"[{task.name}/{kind}] {train.n_obs} training cells, {len(test)} test perturbations in {ctx!r} "
         f"({sum(n_cells)} cells, {ctrl_rows.size} controls)")
 

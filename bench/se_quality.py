@@ -67,7 +67,7 @@ def _split(labels: np.ndarray, frac: float, rng: np.random.Generator) -> tuple[n
     train, test = [], []
     for lab in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == lab))
-        n_test = max(1, int(round(frac * idx.size))) if idx.size > 1 else 0
+        n_test = max(1, round(frac * idx.size)) if idx.size > 1 else 0
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -136,7 +136,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
                 ),
                 cells=train,
                 batch_size=args.batch_size,
-                log=lambda s: print(f"  [{name}] {s}"),
+                log=lambda s, name=name: print(f"  [{name}] {s}"),
             )
             t_fit = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -164,7 +164,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
                 "kind": kind,
                 "n_cells": int(src.n_obs),
                 "n_genes": x.shape[1],
-                "n_labels": int(len(vals)),
+                "n_labels": len(vals),
                 "n_test": int(test.size),
                 "chance": chance,
                 "se": _scores(se, labels, train, test, args.k),

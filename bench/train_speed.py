@@ -25,7 +25,7 @@ import torch
 
 def run_preset(name: str, genes: int, set_size: int, batch_sets: int, steps: int, device: str,
                precision: str) -> dict:
-    from celltwin.models import STConfig, StateTransition
+    from celltwin.models import StateTransition, STConfig
     from celltwin.train import TrainConfig, fit, seed_everything
 
     seed_everything(0)

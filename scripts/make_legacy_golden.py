@@ -43,7 +43,7 @@ def make_case(seed: int, n_ctrl: int, sizes: list[int], n_genes: int, dtype: str
     """Seeded log1p-normalised real/pred matrices with zeros, ties and first-appearance order."""
     rng = np.random.default_rng(seed)
     perts = [f"T{chr(ord('Z') - i)}" for i in range(len(sizes))]  # TZ, TY, ... (unsorted)
-    labels = np.asarray([CONTROL] * n_ctrl + [p for p, n in zip(perts, sizes) for _ in range(n)], dtype=object)
+    labels = np.asarray([CONTROL] * n_ctrl + [p for p, n in zip(perts, sizes, strict=True) for _ in range(n)], dtype=object)
     labels = labels[rng.permutation(labels.size)]
     n = labels.size
     base = rng.gamma(0.7, 1.5, size=n_genes)

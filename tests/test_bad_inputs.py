@@ -15,11 +15,9 @@ import time
 import types
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 from celltwin import cli
 from celltwin._io import STALE_AFTER_S, atomic_dir, atomic_path, check_outputs, clean_stale
@@ -28,27 +26,19 @@ from celltwin.errors import InputError
 # ------------------------------------------------------------------------------------------ data
 
 
-def _adata(rng, perts, n_per=20, n_genes=30, scale=1.0):
-    labels = ["non-targeting"] * 30 + [p for p in perts for _ in range(n_per)]
-    lam = np.full((len(labels), n_genes), 2.0)
-    for k, p in enumerate(perts):
-        rows = np.array(labels) == p
-        lam[rows, k] *= 4.0 * scale
-    X = sp.csr_matrix(rng.poisson(lam).astype(np.float32))
-    obs = pd.DataFrame(
-        {"target_gene": pd.Categorical(labels), "context": ["c0"] * len(labels)},
-        index=[f"cell{i}" for i in range(len(labels))],
-    )
-    var = pd.DataFrame(index=[f"G{i:03d}" for i in range(n_genes)])
-    return ad.AnnData(X, obs=obs, var=var)
+def _adata(make_screen, rng, perts, n_per=20, n_genes=30, scale=1.0):
+    """30 controls then ``n_per`` cells of each perturbation; the k-th perturbation scales gene k's rate by 4 * scale."""
+    return make_screen(rng, genes=[f"G{i:03d}" for i in range(n_genes)], perts=perts, n_per=n_per, n_ctrl=30,
+                       contexts=("c0",), categorical=True, base=2.0, size_factor=None, effect=4.0 * scale,
+                       targets={p: f"G{k:03d}" for k, p in enumerate(perts)})
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, make_screen):
     d = tmp_path_factory.mktemp("bad_inputs")
     rng = np.random.default_rng(0)
-    real = _adata(rng, ["G001", "G002"])
-    pred = _adata(rng, ["G001", "G002"], scale=0.8)
+    real = _adata(make_screen, rng, ["G001", "G002"])
+    pred = _adata(make_screen, rng, ["G001", "G002"], scale=0.8)
     real.write_h5ad(d / "real.h5ad")
     pred.write_h5ad(d / "pred.h5ad")
     (d / "genes.csv").write_text("".join(f"G{i:03d}\n" for i in range(30)))
@@ -244,6 +234,9 @@ def _limit_fsize(n: int):
     return pre
 
 
+# slow: two `celltwin eval` processes (~8 s); the quick loop keeps the error mapping
+# (test_cli_maps_wrapped_disk_full_and_path_errors) and the atomic swap (test_atomic_dir_swaps_all_together)
+@pytest.mark.slow
 def test_eval_under_file_size_limit_keeps_previous_outputs(files, tmp_path):
     out = tmp_path / "ev"
     base = [

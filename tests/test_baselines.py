@@ -150,7 +150,7 @@ def test_config_validation():
         BaselineConfig("cell-mean", min_cells=0)
     with pytest.raises(ConfigError, match="unknown option 'foo'"):
         BaselineConfig.from_options("linear", {"foo": "1"})
-    with pytest.raises(ConfigError, match="linear_dim expected int"):
+    with pytest.raises(ConfigError, match="linear_dim: expected int"):
         BaselineConfig.from_options("linear", {"linear_dim": "x"})
     assert BaselineConfig.from_options("linear", {"linear_dim": "4"}).linear_dim == 4
 

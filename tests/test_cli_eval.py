@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 ad = pytest.importorskip("anndata")
 
-from celltwin.cli import main  # noqa: E402
+from celltwin.cli import main
 
 CTRL = "non-targeting"
 
@@ -27,16 +26,18 @@ def _adata(X, labels=None, genes=None, col="target_gene"):
     return a
 
 
-def _counts(seed=0):
-    return np.random.default_rng(seed).poisson(3.0, (14, 8)).astype(np.float32)
+def _screen(make_screen, seed=0, fmt="csr"):
+    """6 controls + 4 A + 4 B cells x 8 genes (g0..g7), Poisson(3) counts, float32; obs_names c0..c13."""
+    return make_screen(seed, n_genes=8, perts=("A", "B"), n_per=4, n_ctrl=6, categorical=True, cell_prefix="c",
+                       base=3.0, size_factor=None, effect=None, fmt=fmt)
 
 
 @pytest.fixture
-def good(tmp_path):
+def good(tmp_path, make_screen):
     real = tmp_path / "real.h5ad"
     pred = tmp_path / "pred.h5ad"
-    _adata(sp.csr_matrix(_counts(0))).write_h5ad(real)
-    _adata(sp.csr_matrix(_counts(1))).write_h5ad(pred)
+    _screen(make_screen, 0).write_h5ad(real)
+    _screen(make_screen, 1).write_h5ad(pred)
     return real, pred
 
 
@@ -78,12 +79,8 @@ def _bad(tmp_path, real_a, pred_a, name="x"):
     return real, pred
 
 
-def _counts_a():
-    return _adata(sp.csr_matrix(_counts(0)))
-
-
-def _case(name):
-    X = _counts(1)
+def _case(make_screen, name):
+    X = _screen(make_screen, 1, fmt="dense").X
     if name == "missing_col":
         return _adata(X, col="perturbation")
     if name == "missing_control":
@@ -139,8 +136,8 @@ BAD = {
 
 
 @pytest.mark.parametrize("name", list(BAD))
-def test_bad_input_exit_2(name, tmp_path, capsys):
-    real, pred = _bad(tmp_path, _counts_a(), _case(name), name)
+def test_bad_input_exit_2(name, tmp_path, capsys, make_screen):
+    real, pred = _bad(tmp_path, _screen(make_screen, 0), _case(make_screen, name), name)
     out = tmp_path / "out"
     code, cap = _run(capsys, "--pred", pred, "--real", real, "-o", out)
     assert code == 2
@@ -150,8 +147,8 @@ def test_bad_input_exit_2(name, tmp_path, capsys):
     assert not out.exists()  # nothing written
 
 
-def test_gene_order_reorder_flag(tmp_path, capsys):
-    real, pred = _bad(tmp_path, _counts_a(), _case("gene_order"), "reorder")
+def test_gene_order_reorder_flag(tmp_path, capsys, make_screen):
+    real, pred = _bad(tmp_path, _screen(make_screen, 0), _case(make_screen, "gene_order"), "reorder")
     code, cap = _run(
         capsys, "--pred", pred, "--real", real, "-o", tmp_path / "o", "--reorder-genes", "--no-report"
     )
@@ -226,3 +223,74 @@ def test_real_de_cache(good, tmp_path, capsys):
     cached = pd.read_parquet(tmp_path / "o1" / "real_de.parquet")
     pd.testing.assert_frame_equal(cached, computed, check_exact=True)
     assert len(computed) > 0 and computed["feature"].astype(str).str.len().min() > 0
+
+
+def test_cell_eval_spellings_skip_metrics_and_de_tables(good, tmp_path, capsys):
+    """cell-eval's `run` spellings: -ap/-ar/--control-pert/--skip-metrics/-dp/-dr/--num-threads."""
+    real, pred = good
+    first = tmp_path / "first"
+    code, cap = _run(capsys, "--pred", pred, "--real", real, "-o", first, "--de-format", "csv", "--no-report")
+    assert code == 0, cap.err
+    out = tmp_path / "out"
+    code, cap = _run(
+        capsys,
+        "-ap", pred, "-ar", real, "--control-pert", CTRL, "--skip-metrics", "mae",
+        "-dp", first / "pred_de.csv", "-dr", first / "real_de.csv", "--num-threads", "1", "-o", out,
+    )  # fmt: skip
+    assert code == 0, cap.err
+    res = pd.read_csv(out / "results.csv")
+    assert res.columns.tolist() == ["perturbation", "overlap_at_N", "discrimination_score_l1"]
+    ref = pd.read_csv(first / "results.csv")
+    pd.testing.assert_frame_equal(res, ref.drop(columns="mae"), check_exact=True)
+    assert (out / "report.md").exists() and (out / "real_de.parquet").exists()
+    # the precomputed tables are written back unchanged (CSV round trip is exact)
+    code, cap = _run(capsys, "-ap", pred, "-ar", real, "-dp", first / "pred_de.csv", "-dr", first / "real_de.csv",
+                     "--de-format", "csv", "--no-report", "-o", tmp_path / "again")  # fmt: skip
+    assert code == 0, cap.err
+    for name in ("real_de.csv", "pred_de.csv"):
+        assert (tmp_path / "again" / name).read_bytes() == (first / name).read_bytes()
+
+
+def test_eval_option_errors(good, tmp_path, capsys):
+    real, pred = good
+    code, cap = _run(capsys, "-ap", pred, "-ar", real, "--skip-metrics", "mae,nope", "-o", tmp_path / "o")
+    assert code == 2 and len(cap.err.strip().splitlines()) == 1
+    assert "unknown metric 'nope'" in cap.err and "discrimination_score_l1" in cap.err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    code, cap = _run(capsys, "-ap", pred, "-ar", real, "-dr", bad, "-o", tmp_path / "o")
+    assert code == 2 and "-dr/--de-real" in cap.err and "missing DE column" in cap.err
+    code, cap = _run(capsys, "-ap", pred, "-ar", real, "-dp", tmp_path / "nope.csv", "-o", tmp_path / "o")
+    assert code == 2 and "file not found" in cap.err
+    with pytest.raises(SystemExit) as e:
+        _run(capsys, "-ap", pred, "-ar", real, "--num-threads", "0", "-o", tmp_path / "o")
+    assert e.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_aliases_parse_alike():
+    from celltwin.cli import build_parser
+
+    parser = build_parser()
+    base = ["eval", "-o", "o"]
+    spellings = [
+        ["--pred", "p.h5ad", "--real", "r.h5ad", "--control", "ctl"],
+        ["-ap", "p.h5ad", "-ar", "r.h5ad", "--control-pert", "ctl"],
+        ["--adata-pred", "p.h5ad", "--adata-real", "r.h5ad", "--control-pert", "ctl"],
+    ]
+    got = [vars(parser.parse_args(base + s)) for s in spellings]
+    for g in got:
+        assert (g["pred"], g["real"], g["control"]) == ("p.h5ad", "r.h5ad", "ctl")
+    a = parser.parse_args(
+        base + spellings[0] + ["-dp", "dp.csv", "-dr", "dr.csv", "--skip-metrics", "mae,mse"]
+    )
+    b = parser.parse_args(base + spellings[0] + ["--de-pred", "dp.csv", "--de-real", "dr.csv"])
+    assert (a.de_pred, a.de_real, a.skip_metrics) == ("dp.csv", "dr.csv", "mae,mse")
+    assert (b.de_pred, b.de_real, b.num_threads) == ("dp.csv", "dr.csv", None)
+
+
+def test_eval_profile_choices_are_the_registrys():
+    from celltwin.commands.eval import PROFILES as cli_profiles
+    from celltwin.eval import PROFILES
+
+    assert list(cli_profiles) == list(PROFILES)

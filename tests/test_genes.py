@@ -15,11 +15,9 @@ from celltwin.genes import (
     HgncIndex,
     align_gene_table,
     load_gene_table,
-    parse_fasta_header,
-    pool_isoforms,
-    read_fasta,
     save_gene_table,
 )
+from celltwin.protein_embed import parse_fasta_header, pool_isoforms, read_fasta
 
 torch = pytest.importorskip("torch")
 
@@ -76,7 +74,7 @@ def test_read_fasta_multiline_and_stop(tmp_path):
 
 
 def test_pool_residues_excludes_special_tokens_and_padding():
-    from celltwin.genes import pool_residues
+    from celltwin.protein_embed import pool_residues
 
     # seq 0: <cls> r1 r2 <eos> <pad>; seq 1: <cls> r1 r2 r3 <eos>
     hidden = torch.tensor(
@@ -143,7 +141,7 @@ def _manual_isoform(model, seq: str) -> np.ndarray:
 
 
 def test_embed_fasta_matches_manual_pooling(tiny_esm, tmp_path):
-    from celltwin.genes import embed_fasta
+    from celltwin.protein_embed import embed_fasta
 
     d, model = tiny_esm
     fa = tmp_path / "p.fa"
@@ -187,7 +185,7 @@ def test_cli_genes_embed_and_coverage(tiny_esm, tmp_path, capsys):
 
 
 def test_embed_fasta_missing_model_dir(tmp_path):
-    from celltwin.genes import embed_fasta
+    from celltwin.protein_embed import embed_fasta
 
     fa = tmp_path / "p.fa"
     fa.write_text(">A\nMK\n")

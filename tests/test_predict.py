@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -12,9 +10,17 @@ import scipy.sparse as sp
 
 from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
-from celltwin.pipeline import predict_from_files, train_from_files
-from celltwin.predict import (MODELS, PredictRequest, load_predictor, predict_cells, read_counts_csv, read_run,
-                              summarize_sources, train_run)
+from celltwin.eval._baseline import read_pert_counts
+from celltwin.pipeline import predict_from_files
+from celltwin.predict import (
+    MODELS,
+    PredictRequest,
+    load_predictor,
+    predict_cells,
+    read_run,
+    summarize_sources,
+    train_run,
+)
 
 GENES = ["a", "b", "c"]
 
@@ -100,7 +106,7 @@ def test_predict_cells_layout_and_values():
     np.testing.assert_array_equal(X[2:6], 0)
     np.testing.assert_array_equal(X[6:], controls)  # all the context's controls, last
     info = out.uns["celltwin_predict"]
-    assert json.loads(info["controls_drawn_with_replacement"]) == ["down"]  # 4 > 3 controls
+    assert list(info["controls_drawn_with_replacement"]) == ["down"]  # 4 > 3 controls
     assert summarize_sources(out) == {"up": "model", "down": "fallback:cell-mean"}
     # the same seed gives the same draws
     again = predict_cells(_Stub(), controls, PredictRequest("A", ["up", "down"], [2, 4]), seed=1)
@@ -130,16 +136,17 @@ def test_predict_cells_errors():
         predict_cells(_Stub(), np.zeros((2, 2)), PredictRequest("A", ["up"], [1]))
 
 
-def test_read_counts_csv(tmp_path):
+def test_read_pert_counts_for_predict(tmp_path):
+    # celltwin predict --counts reads the VCC table with the baseline's reader: at least 1 cell each
     p = tmp_path / "counts.csv"
     p.write_text(f"{PERT_COL},n_cells\na,5\n{CONTROL_LABEL},100\nb,2\n")
-    assert read_counts_csv(p) == {"a": 5, "b": 2}
+    assert read_pert_counts(p, min_cells=1) == {"a": 5, CONTROL_LABEL: 100, "b": 2}
     p.write_text("gene,n\na,5\n")
-    with pytest.raises(InputError, match="column 'target_gene' missing"):
-        read_counts_csv(p)
+    with pytest.raises(InputError, match="column 'target_gene' not found"):
+        read_pert_counts(p, min_cells=1)
     p.write_text(f"{PERT_COL},n_cells\na,0\n")
-    with pytest.raises(InputError, match="n_cells expected integers >= 1"):
-        read_counts_csv(p)
+    with pytest.raises(InputError, match="line 2: column 'n_cells' must be an integer >= 1, got 0"):
+        read_pert_counts(p, min_cells=1)
 
 
 def _files(tmp_path, model="context-transfer"):
@@ -223,7 +230,7 @@ def test_predict_from_a_controls_file(tmp_path):
 def test_cli_train_predict_eval_ready(tmp_path):
     from celltwin import cli
     from celltwin.data.columns import ObsColumns
-    from celltwin.data.split import make_split
+    from celltwin.data.split_draw import make_split
     from celltwin.sim import simulate
 
     a = simulate("tiny")
@@ -256,7 +263,7 @@ def test_predict_sample_counts(tmp_path, dist):
     from celltwin import cli
     from celltwin.data.columns import ObsColumns
     from celltwin.data.preprocess import Preprocessing
-    from celltwin.data.split import make_split
+    from celltwin.data.split_draw import make_split
     from celltwin.sim import simulate
 
     a = simulate("tiny")
@@ -284,5 +291,5 @@ def test_predict_sample_counts(tmp_path, dist):
     got = Xc[pert].mean(0)
     top = np.argsort(want)[-20:]  # well-expressed genes: relative error of a mean of ~60 draws
     assert np.abs(got[top] / want[top] - 1).mean() < 0.25
-    info = json.loads(c.uns["celltwin_predict"]["counts"])
+    info = c.uns["celltwin_predict"]["counts"]  # a native dict, not a JSON string
     assert info["dist"] == dist and info["target_sum"] == pytest.approx(pre.target_sum)

@@ -9,14 +9,11 @@ import math
 import warnings
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celltwin.data.source import H5adSource
@@ -131,15 +128,12 @@ class _Raw(bytes):
 
 
 @pytest.fixture(scope="module")
-def h5ad_bytes(tmp_path_factory) -> bytes:
-    rng = np.random.default_rng(0)
-    X = sp.csr_matrix(rng.poisson(1.0, size=(12, 5)).astype(np.float32))
-    obs = pd.DataFrame(
-        {"target_gene": pd.Categorical(["non-targeting"] * 4 + ["A"] * 4 + ["B"] * 4), "context": ["c"] * 12},
-        index=[f"cell{i}" for i in range(12)],
-    )
+def h5ad_bytes(tmp_path_factory, make_screen) -> bytes:
+    # 4 controls + 4 A + 4 B cells x 5 genes, Poisson(1) counts, CSR float32
+    a = make_screen(0, n_genes=5, perts=("A", "B"), n_per=4, contexts=("c",), categorical=True, base=1.0,
+                    size_factor=None, effect=None)
     path = tmp_path_factory.mktemp("h5") / "small.h5ad"
-    ad.AnnData(X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(5)])).write_h5ad(path)
+    a.write_h5ad(path)
     return _Raw(path.read_bytes())
 
 

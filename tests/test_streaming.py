@@ -462,7 +462,8 @@ def test_direct_reads_and_fused_normalisation_are_bitwise_the_h5py_path(tmp_path
     ``Preprocessing.transform`` bit for bit (duplicates, unsorted rows, gene subsets, empty rows)."""
     import h5py
 
-    from celltwin.data.source import DirectArray, H5adSource
+    from celltwin.data._h5rows import DirectArray
+    from celltwin.data.source import H5adSource
 
     rng = np.random.default_rng(1)
     X = rng.poisson(rng.gamma(0.3, 3.0, size=(300, 57))).astype(dtype)

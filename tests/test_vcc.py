@@ -20,16 +20,10 @@ import zstandard
 from celltwin import cli
 from celltwin._constants import CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
+from celltwin.eval._baseline import cell_mean_baseline, read_pert_counts
+from celltwin.eval._load import cell_eval_normlog, is_counts
+from celltwin.eval._prep import WATERMARK, prep_vcc, read_gene_list
 from celltwin.sim import SimConfig, simulate
-from celltwin.vcc import (
-    WATERMARK,
-    cell_eval_normlog,
-    cell_mean_baseline,
-    is_log_normalized,
-    prep_vcc,
-    read_gene_list,
-    read_pert_counts,
-)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Some cells have zero counts"),
@@ -84,16 +78,25 @@ def test_normlog_bit_identical_to_cell_eval(counts_adata, fmt, dtype):
     assert cell_eval_normlog(again) is False
 
 
-def test_is_log_normalized_rules():
-    assert is_log_normalized(np.array([[0.0, 2.0], [3.0, 1.0005]])) is False  # frac <= 1e-3 counts as integer
-    assert is_log_normalized(np.array([[0.0, 2.5]])) is True
-    with pytest.raises(InputError, match="minimum -0.5 < 0"):
-        is_log_normalized(np.array([[-0.5, 2.5]]))
-    with pytest.raises(InputError, match="maximum 15.5 >= 15"):
-        is_log_normalized(sp.csr_matrix(np.array([[0.0, 15.5]])))
-    assert is_log_normalized(np.array([[0.0, 15.5]]), validate=False) is True
-    with pytest.raises(InputError, match="X has 1 NaN or infinite values"):
-        is_log_normalized(sp.csr_matrix(np.array([[0.0, np.nan]])), source="pred.h5ad")
+def test_is_counts_rules():
+    # the input rule of celltwin eval (ValueScan), with eval's messages; prep and baseline share it
+    assert is_counts(np.array([[0.0, 2.0], [3.0, 1.0005]])) is True  # frac <= 1e-3 counts as integer
+    assert is_counts(np.array([[0.0, 2.5]])) is False
+    with pytest.raises(InputError, match=r"X contains negative values .*min is -0.5"):
+        is_counts(np.array([[-0.5, 2.5]]))
+    with pytest.raises(InputError, match=r"X mixes counts and log values .*max is 15.5"):
+        is_counts(sp.csr_matrix(np.array([[0.0, 15.5]])))
+    assert is_counts(np.array([[0.0, 15.5]]), check_log_max=False) is False
+    with pytest.raises(InputError, match=r"^pred.h5ad: X contains 1 non-finite value"):
+        is_counts(sp.csr_matrix(np.array([[0.0, np.nan]])), "pred.h5ad")
+    # changed with the shared rule: a negative integer matrix is refused (it used to count as counts)
+    for X in (np.array([[1, -2], [0, 3]]), np.array([[1.0, -2.0], [0.0, 3.0]], dtype=np.float32)):
+        with pytest.raises(InputError, match=r"X contains negative values .*min is -2"):
+            is_counts(X)
+        with pytest.raises(InputError, match=r"X contains negative values"):
+            is_counts(sp.csr_matrix(X), check_log_max=False)  # allow_discrete keeps the check
+    with pytest.raises(InputError, match="X is missing"):
+        is_counts(None)
 
 
 # ----------------------------------------------------------------------------- prep (.vcc)
@@ -182,8 +185,17 @@ def _small_pred() -> ad.AnnData:
         (lambda a: None, {"genes": ["g1", "g2", "g2"]}, InputError, "duplicated"),
         (lambda a: None, {"max_cell_dim": 3}, InputError, "4 cells exceed the maximum of 3"),
         (lambda a: None, {"encoding": 16}, ConfigError, "encoding must be one of"),
-        (lambda a: setattr(a, "X", a.X * 10.5), {}, InputError, "maximum 42 >= 15"),
-        (lambda a: setattr(a, "X", a.X - 0.5), {}, InputError, "minimum -0.5 < 0"),
+        (lambda a: setattr(a, "X", a.X * 10.5), {}, InputError, r"X mixes counts and log values .*max is 42"),
+        (lambda a: setattr(a, "X", a.X - 0.5), {}, InputError, r"X contains negative values .*min is -0.5"),
+        # a negative integer matrix is refused too (the input rule of celltwin eval; cell-eval takes it)
+        (lambda a: setattr(a, "X", a.X - 2), {}, InputError, r"X contains negative values .*min is -2"),
+        (
+            lambda a: setattr(a, "X", a.X - 2),
+            {"allow_discrete": True},
+            InputError,
+            r"X contains negative values .*min is -2",
+        ),
+        (lambda a: a.X.__setitem__((0, 0), np.nan), {}, InputError, r"X contains 1 non-finite value"),
     ],
 )
 def test_prep_bad_inputs(tmp_path, mutate, kwargs, err, match):

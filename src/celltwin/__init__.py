@@ -1,10 +1,63 @@
 """celltwin: virtual cells for Perturb-seq.
 
-Importing the package is cheap and never imports torch; heavy modules load on use.
+Importing the package is cheap and never imports torch; heavy modules load on use. The notebook
+API (see :mod:`celltwin.api`) is reachable from here and loads on first access::
+
+    import celltwin
+    m = celltwin.CellMeanModel(adata).train()          # or STModel, LinearModel, ...; SEModel
+    pred = m.predict(adata, ["TP53"], n_cells=100)
+    res = celltwin.evaluate(pred, real)                 # celltwin.eval.evaluate: the VCC metrics
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# name -> module; each is imported on first access (``celltwin.STModel`` imports no torch until it trains)
+_LAZY: dict[str, str] = {
+    # notebook models (celltwin.api)
+    "Model": "celltwin.api",
+    "load_model": "celltwin.api",
+    "ControlModel": "celltwin.baselines.api",
+    "CellMeanModel": "celltwin.baselines.api",
+    "PerturbationMeanModel": "celltwin.baselines.api",
+    "ContextTransferModel": "celltwin.baselines.api",
+    "ScaledContextTransferModel": "celltwin.baselines.api",
+    "LinearModel": "celltwin.baselines.api",
+    "AdditiveModel": "celltwin.baselines.api",
+    "STModel": "celltwin.models.st_api",
+    "STSEModel": "celltwin.models.st_api",
+    "SEModel": "celltwin.models.se_api",
+    # typed options of the models (the one source of option names, defaults and help)
+    "BaselineOptions": "celltwin.baselines.options",
+    "StateOptions": "celltwin.models.st_options",
+    "SEOptions": "celltwin.models.se_options",
+    # evaluation (celltwin.eval: numpy / numba, never torch): cell-eval 0.8.2 ``run`` on AnnData or files
+    "evaluate": "celltwin.eval",
+    "evaluate_by_celltype": "celltwin.eval",
+    "EvalConfig": "celltwin.eval",
+}
+
+__all__ = [  # noqa: RUF022 - grouped as _LAZY
+    "__version__",
+    "Model", "load_model",
+    "ControlModel", "CellMeanModel", "PerturbationMeanModel", "ContextTransferModel", "ScaledContextTransferModel",
+    "LinearModel", "AdditiveModel", "STModel", "STSEModel", "SEModel",
+    "BaselineOptions", "StateOptions", "SEOptions",
+    "evaluate", "evaluate_by_celltype", "EvalConfig",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'celltwin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

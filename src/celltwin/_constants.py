@@ -7,14 +7,14 @@ column names is handled by passing different values, never by editing code.
 from __future__ import annotations
 
 __all__ = [
-    "PERT_COL",
-    "CONTROL_LABEL",
     "BATCH_COL",
-    "CONTEXT_COL",
-    "GUIDE_COL",
-    "EMBED_KEY",
-    "SIM_UNS_KEY",
     "COMBO_SEP",
+    "CONTEXT_COL",
+    "CONTROL_LABEL",
+    "EMBED_KEY",
+    "GUIDE_COL",
+    "PERT_COL",
+    "SIM_UNS_KEY",
 ]
 
 PERT_COL = "target_gene"  # obs column with the perturbed gene (VCC convention)

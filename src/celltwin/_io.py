@@ -1,7 +1,9 @@
 """Small I/O helpers shared by every writer: nothing half-written, no input destroyed.
 
 * :func:`atomic_path`: one file, written to a temporary sibling and renamed onto its name.
-* :func:`atomic_dir`: a directory of files that appears all together or not at all.
+* :func:`atomic_dir`: a directory of files that appears all together or not at all;
+  :func:`copy_dir` copies a directory (a model's ``save``) through it.
+* :func:`read_text`: a small text input (a gene list, a list of perturbations) with one-line errors.
 * :func:`check_outputs`: refuse (before any work) output paths that would overwrite an input,
   clash with each other, or cannot be written.
 * :func:`clean_stale`: remove the temporary leftovers of killed runs.
@@ -38,7 +40,8 @@ import time
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["STALE_AFTER_S", "STALE_ALWAYS_S", "atomic_dir", "atomic_path", "check_outputs", "clean_stale"]
+__all__ = ["STALE_AFTER_S", "STALE_ALWAYS_S", "atomic_dir", "atomic_path", "check_outputs", "clean_stale", "copy_dir",
+           "read_text"]
 
 STALE_AFTER_S = 3600.0  # a leftover of a dead pid untouched this long is removed
 STALE_ALWAYS_S = 24 * 3600.0  # a leftover untouched this long is removed whatever its pid
@@ -134,6 +137,29 @@ def clean_stale(parent: str | os.PathLike[str], name: str, now: float | None = N
 # one file
 
 
+def _mode_or(path: Path, default: int) -> int:
+    """``path``'s permission bits, else ``default`` (what a new file / directory would get)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return default
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of ``path`` (a BOM dropped); missing or unreadable: one InputError line naming ``what``."""
+    from celltwin.errors import InputError
+
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        msg = f"{p}: {what} not found"
+        raise InputError(msg) from None
+    except (OSError, UnicodeDecodeError) as e:
+        msg = f"{p}: cannot read the {what} ({type(e).__name__}: {e})"
+        raise InputError(msg) from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
@@ -154,10 +180,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        try:
-            mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = _NEW_FILE_MODE
+        mode = _mode_or(path, _NEW_FILE_MODE)
         with contextlib.suppress(FileNotFoundError):  # the block may have replaced tmp_path itself
             os.chmod(tmp_path, mode)
         os.replace(tmp_path, path)
@@ -311,10 +334,7 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str] | None = Non
     assert stage is not None
     try:
         yield stage
-        try:
-            mode = path.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = _NEW_DIR_MODE
+        mode = _mode_or(path, _NEW_DIR_MODE)
         if in_place:
             _commit_in_place(stage, path, owned)
             return
@@ -347,6 +367,28 @@ def atomic_dir(path: str | os.PathLike[str], owned: Collection[str] | None = Non
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def copy_dir(src: str | os.PathLike[str], target: str | os.PathLike[str], *, overwrite: bool = False,
+             what: str = "save") -> Path:
+    """Copy the directory ``src`` to ``target`` through :func:`atomic_dir`; returns ``target``.
+
+    Nothing is done when ``target`` is ``src``. A file at ``target``, or a non-empty directory
+    without ``overwrite``, is a one-line InputError starting with ``what``.
+    """
+    from celltwin.errors import InputError
+
+    src, target = Path(src), Path(target)
+    if target.exists() and target.resolve() == src.resolve():
+        return target
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{what}: {target} is a file; expected a directory")
+    old = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if old and not overwrite:
+        raise InputError(f"{what}: {target} is not empty; pass overwrite=True to replace it")
+    with atomic_dir(target, owned=old or None) as stage:
+        shutil.copytree(src, stage, dirs_exist_ok=True)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,8 +20,12 @@ Exit codes and what reaches stderr:
 * 130: interrupted (Ctrl-C); 141: stdout closed early (``celltwin ... | head``).
 
 Global flags (before or after the command name): ``--debug`` prints the full traceback of any
-failure; ``-q/--quiet`` shows only errors from the ``logging`` module, ``-v/--verbose`` shows its
-debug messages (default: warnings).
+failure. ``-q/--quiet`` / ``-v/--verbose`` set the level of celltwin's own loggers (``celltwin.*``,
+through :mod:`logging`, on stderr): WARNING with ``-q``, INFO by default, DEBUG with ``-v``;
+other libraries' loggers show errors with ``-q``, else warnings (info with ``-v``). ``-q`` also
+turns progress off: the command's ``--no-progress`` is set, and the training loop shows no
+progress while the ``celltwin`` logger is above INFO (:func:`celltwin.train.loop.progress_wanted`).
+Results printed on stdout (scores, summaries) are not logging and stay.
 """
 
 from __future__ import annotations
@@ -82,6 +86,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """As argparse, but unrecognized arguments are reported by the command's parser (its name shown)."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+            sub = subs[0].choices.get(getattr(ns, "command", None)) if subs else None
+            (sub or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
 
 def _add_global_flags(p: argparse.ArgumentParser, top: bool = False) -> None:
     """--debug / -q / -v; on subparsers with SUPPRESS defaults, so they do not undo the top level's."""
@@ -111,13 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"celltwin {__version__}")
     _add_global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, modname in COMMANDS.items():
-        try:
-            mod = _load(name)
-        except ModuleNotFoundError as e:  # a command whose module is not present yet
-            if e.name == f"celltwin.commands.{modname}":
-                continue
-            raise
+    for name in COMMANDS:
+        mod = _load(name)
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
@@ -228,13 +236,34 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s*[\r\n]+\s*", " ", str(text).strip()) or "(no message)"
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.ERROR if getattr(args, "quiet", False) else (
-        logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING
-    )
-    logging.basicConfig(level=level, format="celltwin: %(levelname)s: %(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(level)
-    logging.getLogger("celltwin").setLevel(level)
+def _setup_logging(args: argparse.Namespace):
+    """Levels of -q / default / -v (see the module docstring); returns a function undoing it all.
+
+    The undo matters when ``main`` is called in-process (tests, notebooks): a ``-q`` call must not
+    leave the ``celltwin`` logger at WARNING (which would hide later training progress).
+    """
+    quiet, verbose = bool(getattr(args, "quiet", False)), bool(getattr(args, "verbose", False))
+    own = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    others = logging.ERROR if quiet else (logging.INFO if verbose else logging.WARNING)
+    root, lg = logging.getLogger(), logging.getLogger("celltwin")
+    saved = (root.level, lg.level)
+    handler = None
+    if not root.handlers:  # as logging.basicConfig: leave a host application's handlers alone
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("celltwin: %(levelname)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(others)
+    lg.setLevel(own)
+    if quiet and hasattr(args, "no_progress"):
+        args.no_progress = True  # eval, embed, sim, genes: no progress bars under -q
+
+    def restore() -> None:
+        root.setLevel(saved[0])
+        lg.setLevel(saved[1])
+        if handler is not None:
+            root.removeHandler(handler)
+
+    return restore
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,11 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    _setup_logging(args)
+    restore_logging = _setup_logging(args)
     # "embed fit", "genes coverage": the words argparse's own errors use too
     subs = [v for k, v in sorted(vars(args).items()) if k.endswith("_command") and isinstance(v, str)]
     cmd = " ".join([args.command, *subs])
     debug = bool(getattr(args, "debug", False))
+    try:
+        return _run_command(args, cmd, argv, debug)
+    finally:
+        restore_logging()
+
+
+def _run_command(args: argparse.Namespace, cmd: str, argv: Sequence[str] | None, debug: bool) -> int:
+    """Run the parsed command; every failure becomes one line and an exit code (module docstring)."""
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

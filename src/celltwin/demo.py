@@ -5,14 +5,15 @@ memory, writing every intermediate file a user would write with the CLI (data, s
 directories, predictions, real cells, per-model evaluation) so any step can be re-run by hand.
 
 The task (few-shot context generalisation, like the VCC): the target context is the simulator's
-last context; half of its perturbations (drawn by :func:`celltwin.data.split.make_split` with the
+last context; half of its perturbations (drawn by :func:`celltwin.data.split_draw.make_split` with the
 demo seed) are held out for testing, the other half and every perturbation of the other contexts are trained on, with all
 control cells. Every model predicts the held-out perturbations from the target context's
 controls, with as many cells as the real test split has.
 
 Reported per model: DES (``overlap_at_N``), PDS (``discrimination_score_l1``) and MAE means from
-:func:`celltwin.eval.evaluate`, the normalised VCC score against the cell-mean baseline
-(:func:`celltwin.eval.score`), and ``pearson_true``: the Pearson correlation between the predicted
+:func:`celltwin.eval.evaluate`, the score normalised against the project's ``cell-mean`` model
+(:func:`celltwin.eval.score`; the VCC formula, but that model is not the VCC baseline:
+``celltwin score`` gives the VCC score), and ``pearson_true``: the Pearson correlation between the predicted
 pseudobulk change (log1p space, mean predicted cell minus mean control) and the simulator's true
 log-fold effect, averaged over the test perturbations. ``pearson_true`` of the *real* test cells
 (row ``observed``) is the ceiling that sampling noise leaves.
@@ -20,7 +21,6 @@ log-fold effect, averaged over the test perturbations. ``pearson_true`` of the *
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
     import pandas as pd
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "demo_models", "pearson_rows", "model_options"]
+__all__ = ["DemoConfig", "DemoResult", "demo_models", "model_options", "pearson_rows", "run_demo"]
 
 BASELINE_ORDER = ("control", "cell-mean", "perturbation-mean", "context-transfer", "scaled-context-transfer",
                   "linear", "additive")
@@ -74,7 +74,7 @@ class DemoResult:
 
 def demo_models(requested: Sequence[str] | None = None) -> list[str]:
     """Models the demo runs: the baselines first, then other registered models (e.g. ``state``)."""
-    from celltwin.predict import MODELS
+    from celltwin.registry import MODELS
 
     if requested is not None:
         bad = [m for m in requested if m not in MODELS]
@@ -89,17 +89,17 @@ def demo_models(requested: Sequence[str] | None = None) -> list[str]:
 def model_options(name: str, overrides: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
     """Options a model trains with in the demo.
 
-    A registered model's train module may define ``DEMO_OPTIONS`` (``--set`` strings sized for the
+    A registered model's options module may define ``DEMO_OPTIONS`` (``--set`` strings sized for the
     demo's time budget) or ``DEMO_OPTIONS_FOR[name]`` (per model name, used first);
     ``overrides[name]`` is applied on top. Baselines use their defaults.
     """
     import importlib
 
-    from celltwin.predict import MODELS
+    from celltwin.registry import get_spec
 
     opts: dict[str, str] = {}
     if name not in BASELINE_ORDER:
-        mod = importlib.import_module(MODELS[name][0].partition(":")[0])
+        mod = importlib.import_module(get_spec(name).options.partition(":")[0])
         per_model = getattr(mod, "DEMO_OPTIONS_FOR", {})
         opts.update(per_model[name] if name in per_model else getattr(mod, "DEMO_OPTIONS", {}))
     opts.update((overrides or {}).get(name, {}))
@@ -110,10 +110,10 @@ def _available(model: str) -> bool:
     """A non-baseline model runs in the demo only when its module imports (torch installed)."""
     import importlib
 
-    from celltwin.predict import MODELS
+    from celltwin.registry import get_spec
 
     try:
-        importlib.import_module(MODELS[model][0].partition(":")[0])
+        importlib.import_module(get_spec(model).module)
     except ImportError:
         return False
     return True
@@ -131,16 +131,19 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _make_split(adata: ad.AnnData, path: Path, seed: int):
-    """Write the demo's few-shot split (:func:`celltwin.data.split.make_split`) and resolve it."""
+    """Write the demo's few-shot split (:func:`celltwin.data.split_draw.make_split`) and resolve it
+    (:func:`celltwin.pipeline.resolve_dataset_split`, as ``celltwin train`` does)."""
     from celltwin.data.columns import ObsColumns
-    from celltwin.data.split import make_split
-    from celltwin.predict import resolve_split
+    from celltwin.data.dataset import CellDataset
+    from celltwin.data.split_draw import make_split
+    from celltwin.pipeline import resolve_dataset_split
 
     cols = ObsColumns().present(adata.obs)
     target = sorted(set(adata.obs[CONTEXT_COL].astype(str).tolist()))[-1]
     split = make_split(adata.obs, cols, target, holdout=0.5, seed=seed, data_path="data.h5ad")
     split.write(path)
-    return resolve_split(adata, path, cols, where=str(path.parent / "data.h5ad"))
+    dataset = CellDataset.from_anndata(adata, cols, name=next(iter(split.datasets)))
+    return resolve_dataset_split(dataset, split, require_test=True)
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig | None = None,
@@ -148,9 +151,10 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None,
     """Run the demo and write everything under ``out_dir`` (see the module docstring)."""
     import pandas as pd
 
-    from celltwin.eval import EvalConfig, evaluate
     from celltwin.data.preprocess import Preprocessing
-    from celltwin.predict import PredictRequest, load_predictor, predict_cells, train_run
+    from celltwin.eval import EvalConfig, evaluate
+    from celltwin.predict import PredictRequest, predict_cells
+    from celltwin.runs import load_predictor, train_run
     from celltwin.sim import simulate
 
     cfg = config or DemoConfig()
@@ -168,7 +172,6 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None,
     rs = _make_split(adata, out / "split.toml", cfg.seed)
     (target,) = {c for c, _ in rs.test_pairs}
     test = [p for _, p in rs.test_pairs]
-    train_mask = rs.train_mask
     timings["simulate"] = time.perf_counter() - t0
     say(f"simulated {adata.n_obs} cells x {adata.n_vars} genes; target context {target}, {len(test)} test perturbations")
 
@@ -179,7 +182,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None,
     real.obs = real.obs[[PERT_COL, CONTEXT_COL]].copy()
     with atomic_path(out / "real.h5ad", suffix=".h5ad") as tmp:
         real.write_h5ad(tmp)
-    train = adata[np.flatnonzero(train_mask)].copy()
+    train = adata[rs.train_rows].copy()
     ctrl_rows = np.flatnonzero((ctxs == target) & (perts == CONTROL_LABEL))
     n_cells = [int(np.sum((ctxs == target) & (perts == p))) for p in test]
 
@@ -217,7 +220,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig | None = None,
         results_by_model[name] = res.results
         if name == "cell-mean":
             base_agg = res.agg
-        sources = json.loads(pred.uns["celltwin_predict"]["sources"] or "{}")
+        from celltwin.predict import summarize_sources
+
+        sources = summarize_sources(pred)
         n_fb = sum(1 for s in sources.values() if s != "model")
         mean = res.agg.set_index("statistic").loc["mean"]
         rows.append({
@@ -344,7 +349,7 @@ _INTRO = (
     "Few-shot context generalisation on the embedded simulator: the models saw the target context's "
     "controls and half of its perturbations (plus every perturbation in the other contexts) and predict "
     "the other half. DES / PDS / MAE: cell-eval 0.8.2 metrics, means over the test perturbations (DES, PDS: "
-    "higher is better, PDS = 1 - rank/P of the true perturbation among all; MAE: lower is better). score: normalised VCC score against the cell-mean baseline (0 = no better). "
+    "higher is better, PDS = 1 - rank/P of the true perturbation among all; MAE: lower is better). score: normalised against the project's `cell-mean` model with the VCC formula (0 = no better; not the VCC score, whose baseline is cell-eval's cell-mean: `celltwin score`). "
     "pearson_true: correlation of the predicted pseudobulk change with the simulator's true log-fold effect; "
     "the `observed` row is the same for the real held-out cells (the ceiling sampling noise leaves)."
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CelltwinError", "InputError", "ConfigError"]
+__all__ = ["CelltwinError", "ConfigError", "InputError"]
 
 
 class CelltwinError(Exception):

@@ -29,8 +29,15 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["pairwise_sq_dists", "energy_distance", "gaussian_mmd", "sinkhorn_divergence", "mean_mse",
-           "set_loss", "LOSSES"]
+__all__ = [
+    "LOSSES",
+    "energy_distance",
+    "gaussian_mmd",
+    "mean_mse",
+    "pairwise_sq_dists",
+    "set_loss",
+    "sinkhorn_divergence",
+]
 
 _TINY = 1e-12
 

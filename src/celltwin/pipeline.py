@@ -18,7 +18,6 @@ the same way. ``--repeat-mean`` uses the mean control cell, accumulated block by
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,15 @@ import numpy as np
 from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
 
-__all__ = ["open_training_data", "resolve_dataset_split", "DatasetSplit", "train_from_files",
-           "predict_from_files", "PredictSummary"]
+__all__ = [
+    "DatasetSplit",
+    "PredictSummary",
+    "open_training_data",
+    "predict_from_files",
+    "resolve_dataset_split",
+    "train_from_files",
+    "write_predictions",
+]
 
 #: control cells per streamed output block
 _BLOCK = 2048
@@ -46,12 +52,19 @@ class DatasetSplit:
     test_control_rows: np.ndarray
 
 
-def open_training_data(split_path: str | Path, data: str | Path | None = None, columns=None):
-    """``(CellDataset, Split)``: the split's datasets (or ``data`` for a one-dataset split), lazily."""
+def open_training_data(split_path: str | Path, data: str | Path | None = None, columns=None, fallback=None):
+    """``(CellDataset, Split)``: the split's datasets (or ``data`` for a one-dataset split), lazily.
+
+    Column names (:func:`celltwin.data.columns.merge_columns`, field by field): ``columns`` (an
+    ``ObsColumns`` is used as is; a mapping holds the names given on the command line), then the
+    split's ``[columns]`` table, then ``fallback`` (e.g. the run's columns), then the defaults.
+    """
+    from celltwin.data.columns import merge_columns
     from celltwin.data.dataset import CellDataset, DatasetFiles, expand_location
     from celltwin.data.split import read_split
 
     split = read_split(split_path)
+    columns = merge_columns(columns, split.columns, fallback)
     if data is not None:
         if len(split.datasets) != 1:
             msg = (f"--data: the split {split_path} names {len(split.datasets)} datasets "
@@ -97,12 +110,18 @@ def resolve_dataset_split(dataset, split, zeroshot_controls_in_train: bool = Fal
 
 
 def train_from_files(model: str, data: str | Path | None, split: str | Path, out: str | Path, *, seed: int = 0,
-                     options: dict[str, str] | None = None, columns=None, inputs=None,
+                     options=None, columns=None, inputs=None,
                      zeroshot_controls_in_train: bool = False) -> dict:
-    """``celltwin train``: train ``model`` on the split's training cells, read from disk block by block."""
-    from celltwin.predict import _entry, train_run
+    """``celltwin train``: train ``model`` on the split's training cells, read from disk block by block.
 
-    _entry(model)  # unknown model names fail before any reading
+    ``options``: the model's typed options or a mapping of ``--set`` strings (see :func:`celltwin.runs.train_run`).
+    """
+    from celltwin._provenance import utc_now
+    from celltwin.registry import get_spec
+    from celltwin.runs import train_run
+
+    started_at = utc_now()  # run.json's started_at: before the data are opened
+    options = get_spec(model).parse_options(options)  # unknown models and bad options fail before any reading
     dataset, sp = open_training_data(split, data, columns)
     rs = resolve_dataset_split(dataset, sp, zeroshot_controls_in_train)
     if rs.train_rows.size == 0:
@@ -112,7 +131,7 @@ def train_from_files(model: str, data: str | Path | None, split: str | Path, out
              "test_pairs": [list(p) for p in rs.test_pairs],
              "zeroshot_controls_in_train": bool(zeroshot_controls_in_train)}
     return train_run(model, dataset, out, seed=seed, options=options, extra_meta=extra, rows=rs.train_rows,
-                     inputs=inputs)
+                     inputs=inputs, input_files=[("split", str(split))], started_at=started_at)
 
 
 @dataclass
@@ -164,11 +183,12 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
     """
     import pandas as pd
 
-    from celltwin.data.columns import ObsColumns
+    from celltwin.data.columns import merge_columns
     from celltwin.data.dataset import CellDataset
     from celltwin.data.inputs import load_inputs
     from celltwin.data.preprocess import Preprocessing
-    from celltwin.predict import load_predictor, read_counts_csv, read_run
+    from celltwin.eval._baseline import read_pert_counts
+    from celltwin.runs import load_predictor, read_run
 
     meta, genes = read_run(run_dir)
     pre = Preprocessing.load(run_dir)
@@ -176,11 +196,13 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
     if sample_counts not in (None, "poisson", "nb"):
         msg = f"predict: sample_counts must be 'poisson' or 'nb', got {sample_counts!r}"
         raise ConfigError(msg)
-    if columns is None and "columns" in meta:
-        columns = ObsColumns.from_dict(meta["columns"])
-    table = read_counts_csv(counts) if counts is not None else None
+    # names: the flags (columns), then the split's [columns], then the run's, then the defaults
+    run_columns = meta.get("columns")
+    table = None
+    if counts is not None:  # the VCC's target_gene,n_cells table (controls dropped), at least 1 cell each
+        table = {p: n for p, n in read_pert_counts(counts, min_cells=1).items() if p != CONTROL_LABEL}
     if split is not None:
-        dataset, sp_obj = open_training_data(split, data, columns)
+        dataset, sp_obj = open_training_data(split, data, columns, fallback=run_columns)
         rs = resolve_dataset_split(dataset, sp_obj, bool(meta.get("zeroshot_controls_in_train", False)))
         pairs = list(rs.test_pairs)
     else:
@@ -188,7 +210,7 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
             raise ConfigError("predict: give --data (or --split, whose datasets are read)")
         if not perturbations and table is None:
             raise ConfigError("predict: give --split, --perturbations or --counts (nothing to predict)")
-        dataset = CellDataset.from_path(data, columns)
+        dataset = CellDataset.from_path(data, merge_columns(columns, run_columns))
         pairs = []
     from celltwin._io import check_outputs
 
@@ -236,7 +258,7 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
                    f"number of cells from; give --counts (a {PERT_COL},n_cells CSV)")
             raise InputError(msg)
     if controls is not None:
-        cdata, crows = _controls_dataset(controls, columns)
+        cdata, crows = _controls_dataset(controls, dataset.columns)
     else:
         cdata, crows = dataset, np.flatnonzero(in_ctx & (pert_all == CONTROL_LABEL))
         if crows.size == 0:
@@ -253,11 +275,43 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
     predictor = load_predictor(run_dir)
     out_names = list(getattr(predictor, "output_names", genes))
     m = int(crows.size)
-    n_pred = int(sum(n_cells))
-    labels = [p for p, n in zip(perts, n_cells, strict=True) for _ in range(n)] + [CONTROL_LABEL] * m
-    obs = pd.DataFrame({PERT_COL: pd.Categorical(labels), CONTEXT_COL: pd.Categorical([ctx] * len(labels))},
+    # the output keeps the data's own perturbation column, control label and context column names
+    out_pert, out_ctrl, out_ctx = _output_columns(dataset)
+    labels = [p for p, n in zip(perts, n_cells, strict=True) for _ in range(n)] + [out_ctrl] * m
+    obs = pd.DataFrame({out_pert: pd.Categorical(labels), out_ctx: pd.Categorical([ctx] * len(labels))},
                        index=pd.Index([f"pred_{i}" for i in range(len(labels))]))
     var = pd.DataFrame(index=pd.Index(out_names))
+    info = {"context": ctx, "repeat_mean": bool(repeat_mean), "seed": int(seed),
+            "model": str(meta.get("model")), "run": str(run_dir), "output_space": inputs["output_space"],
+            "pert_col": out_pert, "control_label": out_ctrl, "context_col": out_ctx}
+    from celltwin.data.writer import CSRH5adWriter
+
+    sources, uns = write_predictions(lambda: CSRH5adWriter(out, obs, var), predictor, cdata, crows, pre, inputs,
+                                     perts, n_cells, ctx, seed=seed, repeat_mean=repeat_mean,
+                                     sample_counts=sample_counts, nb_theta=nb_theta, info=info,
+                                     where=f"run {run_dir}")
+    if write_real is not None:
+        _write_real(dataset, ctx, perts, out_names, write_real, inputs)
+    return PredictSummary(str(out), ctx, len(labels), perts, n_cells, sources, uns)
+
+
+def write_predictions(open_writer, predictor, cdata, crows: np.ndarray, pre, inputs: dict, perts: list[str],
+                      n_cells: list[int], ctx: str, *, seed: int = 0, repeat_mean: bool = False,
+                      sample_counts: str | None = None, nb_theta: float = 10.0, info: dict | None = None,
+                      where: str = "run") -> tuple[dict[str, str], dict[str, Any]]:
+    """The prediction loop shared by ``celltwin predict`` and ``Model.predict``: ``(sources, uns)``.
+
+    ``open_writer()`` returns the output writer (a context manager with ``append(block)`` and
+    ``uns``: :class:`~celltwin.data.writer.CSRH5adWriter` for a file, or
+    :class:`celltwin.predict.AnnDataWriter`). Each perturbation's control draw (rows of ``crows``
+    of ``cdata``, ``numpy.random.default_rng(seed)`` in request order) is read, predicted by
+    ``predictor`` in context ``ctx`` and appended; then the controls themselves, in blocks.
+    ``info`` (the ``uns["celltwin_predict"]`` fields known to the caller) is completed with the
+    sources, the perturbations whose controls were drawn with replacement and the count model.
+    """
+    m = int(crows.size)
+    n_pred = int(sum(n_cells))
+    out_names = list(getattr(predictor, "output_names", pre.genes))
     rng = np.random.default_rng(seed)
     counts_rng = np.random.default_rng([seed, 7])
     target_sum = pre.target_sum
@@ -274,12 +328,8 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
     sources: dict[str, str] = {}
     replaced: list[str] = []
     describe = getattr(predictor, "describe", None)
-    uns = {"celltwin_predict": {
-        "context": ctx, "repeat_mean": bool(repeat_mean), "seed": int(seed),
-        "model": str(meta.get("model")), "run": str(run_dir), "output_space": inputs["output_space"]}}
-    from celltwin.data.writer import CSRH5adWriter
-
-    with CSRH5adWriter(out, obs, var) as w:
+    uns = {"celltwin_predict": dict(info or {})}
+    with open_writer() as w:
         done = 0
         for pert, n in zip(perts, n_cells, strict=True):
             with_repl = n > m
@@ -301,7 +351,7 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
                 msg = f"model returned shape {pred.shape} for {pert!r}, expected {(n, len(out_names))}"
                 raise InputError(msg)
             if not np.isfinite(pred).all():
-                msg = (f"run {run_dir}: the model predicts non-finite values for {pert!r} (diverged or corrupted "
+                msg = (f"{where}: the model predicts non-finite values for {pert!r} (diverged or corrupted "
                        "weights); retrain it, e.g. with a lower learning rate")
                 raise InputError(msg)
             if sample_counts is not None:
@@ -322,17 +372,26 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
             else:
                 w.append(cdata.read_model(r, pre, dense=False))
         info = uns["celltwin_predict"]
-        info["sources"] = json.dumps(sources)
-        info["controls_drawn_with_replacement"] = json.dumps(replaced)
+        from celltwin.predict import sources_record
+
+        info["sources"] = sources_record(sources)
+        info["controls_drawn_with_replacement"] = np.asarray(replaced, dtype=object)
         if sample_counts is not None:
-            info["counts"] = json.dumps({
-                "dist": sample_counts, "theta": nb_theta if sample_counts == "nb" else None,
+            info["counts"] = {
+                "dist": sample_counts, "theta": float(nb_theta) if sample_counts == "nb" else float("nan"),
                 "target_sum": float(target_sum),
-                "library_sizes": "totals of the context's real control cells, drawn with replacement"})
+                "library_sizes": "totals of the context's real control cells, drawn with replacement"}
         w.uns = uns
-    if write_real is not None:
-        _write_real(dataset, ctx, perts, out_names, write_real, inputs)
-    return PredictSummary(str(out), ctx, len(labels), perts, n_cells, sources, uns)
+    return sources, uns
+
+
+def _output_columns(dataset) -> tuple[str, str, str]:
+    """(perturbation column, control label, context column) the data uses: the names predict writes."""
+    cols = dataset.columns
+    if cols is None:
+        return PERT_COL, CONTROL_LABEL, CONTEXT_COL
+    ctx = cols.context_col or CONTEXT_COL
+    return cols.pert_col, cols.control_label, (ctx if ctx != cols.pert_col else CONTEXT_COL)
 
 
 def _looks_like_counts(cdata) -> bool:
@@ -380,7 +439,9 @@ def _write_real(dataset, ctx: str, perts: list[str], out_names: list[str], path,
     ctx_all = dataset.obs[CONTEXT_COL].to_numpy(dtype=object)
     sel = (ctx_all == ctx) & (np.isin(pert_all, perts) | (pert_all == CONTROL_LABEL))
     rows = np.flatnonzero(sel)
-    obs = pd.DataFrame({PERT_COL: pd.Categorical(pert_all[rows]), CONTEXT_COL: pd.Categorical(ctx_all[rows])},
+    out_pert, out_ctrl, out_ctx = _output_columns(dataset)
+    labels = np.where(pert_all[rows] == CONTROL_LABEL, out_ctrl, pert_all[rows])
+    obs = pd.DataFrame({out_pert: pd.Categorical(labels), out_ctx: pd.Categorical(ctx_all[rows])},
                        index=pd.Index(dataset.obs.index[rows].astype(str)))
     if inputs["output_space"] == "embedding":
         read = (lambda r: _read_obsm(dataset, r, inputs["embed_key"]))

@@ -1,24 +1,11 @@
-"""The model registry, run directories, ``train_run`` and the in-memory prediction writer.
+"""The in-memory prediction writers: :func:`predict_cells` and :class:`AnnDataWriter`.
 
+The model registry is :mod:`celltwin.registry`; run directories (``train_run``, ``read_run``,
+``load_predictor``, ``TrainRequest``) are :mod:`celltwin.runs` (re-exported here for older callers).
 The file-level flows of ``celltwin train`` / ``celltwin predict`` (streamed from disk, several
-files, bounded memory) are in :mod:`celltwin.pipeline`; this module holds what they share with
-library use on an in-memory AnnData.
-
-Registry contract (``MODELS``): a model name maps to ``("module:train_fn", "module:load_fn")``.
-
-* ``train_fn(request: TrainRequest) -> dict`` fits the model on ``request.adata`` (training cells
-  only, already in model space) and writes its model files into ``request.run_dir``; it returns
-  extra fields for ``run.json``. :func:`train_run` writes ``run.json`` and ``genes.txt`` itself.
-* ``load_fn(run_dir) -> Predictor`` with ``genes: list[str]`` and
-  ``predict(controls (n, G) float32 log1p, perturbation, context, rng) -> (n, G)``; optionally
-  ``describe(perturbation, context) -> str`` (e.g. ``"model"`` / ``"fallback:cell-mean"``), which the
-  writer records in ``uns["celltwin_predict"]["sources"]``.
-
-Model space: :class:`celltwin.data.preprocess.Preprocessing` fitted on the training cells
-(``log1p(normalize_total(X, target_sum=T))`` in float32, ``T`` the median library size of the
-training cells; a file that is not integer-valued is taken as already log-normalised and passed
-through), saved in the run as ``preprocess.json`` + ``genes.txt`` and applied again at predict time
-to the control cells (totals over all the file's genes, then the run's genes selected by name).
+files, bounded memory) are in :mod:`celltwin.pipeline`; the notebook classes (``Model.predict``)
+share their prediction loop (:func:`celltwin.pipeline.write_predictions`) and write with
+:class:`AnnDataWriter`.
 
 Prediction policy (:func:`predict_cells`):
 
@@ -40,225 +27,38 @@ Prediction policy (:func:`predict_cells`):
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
-from celltwin import __version__
-from celltwin._constants import BATCH_COL, CONTEXT_COL, CONTROL_LABEL, PERT_COL
-from celltwin._io import atomic_path
-from celltwin.errors import ConfigError, InputError
+from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
+from celltwin.errors import InputError
+from celltwin.registry import MODELS
+from celltwin.runs import Predictor, TrainRequest, load_predictor, read_run, train_run
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
     import pandas as pd
 
 __all__ = [
+    # re-exported from celltwin.registry / celltwin.runs (tests, bench and older scripts import them here)
     "MODELS",
+    "AnnDataWriter",
+    "PredictRequest",
     "Predictor",
     "TrainRequest",
-    "get_train_fn",
     "load_predictor",
-    "train_run",
-    "read_run",
-    "PredictRequest",
     "predict_cells",
-    "read_counts_csv",
+    "read_run",
+    "summarize_sources",
+    "train_run",
 ]
-
-_B = "celltwin.baselines"
-# model name -> ("module:train_fn", "module:load_fn")
-MODELS: dict[str, tuple[str, str]] = {
-    "control": (f"{_B}:train", f"{_B}:load_predictor"),
-    "cell-mean": (f"{_B}:train", f"{_B}:load_predictor"),
-    "perturbation-mean": (f"{_B}:train", f"{_B}:load_predictor"),
-    "context-transfer": (f"{_B}:train", f"{_B}:load_predictor"),
-    "scaled-context-transfer": (f"{_B}:train", f"{_B}:load_predictor"),
-    "linear": (f"{_B}:train", f"{_B}:load_predictor"),
-    "additive": (f"{_B}:train", f"{_B}:load_predictor"),
-    # the State Transition model (torch; imported only when used)
-    "state": ("celltwin.models.st_runner:train_state", "celltwin.models.st_runner:load_state"),
-    # ST on State Embedding cells: `state` with input_space=embedding (SE given by se_model or fitted in the run)
-    "state-se": ("celltwin.models.st_runner:train_state_se", "celltwin.models.st_runner:load_state"),
-}
-
-
-class Predictor(Protocol):
-    genes: list[str]
-
-    def predict(self, controls: np.ndarray, perturbation: str, context: str | None,
-                rng: np.random.Generator) -> np.ndarray: ...
-
-
-@dataclass
-class TrainRequest:
-    """What a model's train function receives.
-
-    ``data``: a :class:`celltwin.data.dataset.CellDataset` (one or more files, read lazily;
-    canonical labels in ``data.obs``); ``rows``: the training cells (sorted global row ids).
-    Models read what they need block by block (``data.read_model(rows, preprocess)``): nothing
-    holds a dense matrix of all training cells.
-    ``preprocess``: the run's :class:`celltwin.data.preprocess.Preprocessing`; its ``genes`` are the
-    run's *output* genes (what ``celltwin predict`` writes).
-    ``input_genes``: the genes a model reads as input when they differ from the output genes
-    (``--hvg N`` with output space ``all``), else ``None``. ``embed_key``: read the input from
-    ``obsm[embed_key]`` instead (``--embed-key``). ``output_space``: ``gene`` | ``all`` |
-    ``embedding`` (see :class:`celltwin.data.inputs.InputConfig`).
-    ``options``: ``--set key=value`` strings, parsed and validated by the model's config.
-    """
-
-    model: str
-    data: Any  # celltwin.data.dataset.CellDataset
-    rows: np.ndarray
-    run_dir: Path
-    preprocess: Any
-    seed: int = 0
-    options: dict[str, str] = field(default_factory=dict)
-    input_genes: list[str] | None = None
-    embed_key: str | None = None
-    output_space: str = "gene"
-    fingerprint: dict = field(default_factory=dict)  # data files + rows + preprocessing (resume checks)
-
-    @property
-    def obs(self) -> pd.DataFrame:
-        """Canonical labels of the training cells (``PERT_COL``, ``CONTEXT_COL``, ``BATCH_COL``, ...)."""
-        return self.data.obs.iloc[self.rows]
-
-    @property
-    def genes(self) -> list[str]:
-        return list(self.preprocess.genes)
-
-
-def _resolve(ref: str):
-    mod, _, fn = ref.partition(":")
-    return getattr(importlib.import_module(mod), fn)
-
-
-def _entry(name: str) -> tuple[str, str]:
-    if name not in MODELS:
-        msg = f"model: expected one of {', '.join(MODELS)}, got {name!r}"
-        raise ConfigError(msg)
-    return MODELS[name]
-
-
-def get_train_fn(name: str):
-    return _resolve(_entry(name)[0])
-
-
-def read_run(run_dir: str | Path) -> tuple[dict, list[str]]:
-    """``(run.json content, genes)`` of a run directory, with clear errors when incomplete."""
-    run_dir = Path(run_dir)
-    meta_path, genes_path = run_dir / "run.json", run_dir / "genes.txt"
-    for p in (meta_path, genes_path):
-        if not p.exists():
-            msg = f"run {run_dir}: {p.name} not found (expected a directory written by `celltwin train`)"
-            raise InputError(msg)
-    meta = json.loads(meta_path.read_text())
-    genes = [g for g in genes_path.read_text().splitlines() if g]
-    return meta, genes
-
-
-def load_predictor(run_dir: str | Path) -> Predictor:
-    """Load the predictor of any registered model from its run directory."""
-    meta, _ = read_run(run_dir)
-    return _resolve(_entry(str(meta.get("model")))[1])(Path(run_dir))
-
-
-# ---------------------------------------------------------------------------- training
-def train_run(model: str, data, run_dir: str | Path, seed: int = 0,
-              options: dict[str, str] | None = None, extra_meta: dict | None = None,
-              n_top_genes: int | None = None, rows: np.ndarray | None = None, inputs=None) -> dict:
-    """Fit the preprocessing on the training cells, train ``model``, write the run.
-
-    ``data``: an AnnData with canonical obs (``PERT_COL``, ``CONTEXT_COL``; every cell trains) or a
-    :class:`celltwin.data.dataset.CellDataset` with ``rows`` (default: every cell). X may hold
-    counts or log-normalised values (see the module docstring). ``inputs``: a
-    :class:`celltwin.data.inputs.InputConfig` (``--hvg``, ``--embed-key``, ``--output-space``);
-    ``n_top_genes`` is the older spelling of ``InputConfig(hvg=N, output_space="gene")``.
-    Everything is read block by block (totals, HVG statistics, the models' own passes).
-    Writes ``preprocess.json``, ``genes.txt`` (output genes), ``input_genes.txt`` (when the input
-    genes differ), the model files and ``run.json``; returns run.json's content.
-    """
-    from celltwin.data.dataset import CellDataset
-    from celltwin.data.inputs import InputConfig, fit_inputs
-
-    train_fn = get_train_fn(model)
-    run_dir = Path(run_dir)
-    if not isinstance(data, CellDataset):
-        for col in (PERT_COL, CONTEXT_COL):
-            if col not in data.obs:
-                msg = f"training data: obs[{col!r}] missing (expected canonical columns; see celltwin.predict)"
-                raise InputError(msg)
-        data = CellDataset.from_anndata(data)
-    rows = np.arange(data.n_obs, dtype=np.int64) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
-    if rows.size == 0:
-        msg = "training data: the split selects 0 training cells"
-        raise InputError(msg)
-    if inputs is None:
-        inputs = InputConfig(hvg=n_top_genes, output_space="gene" if n_top_genes else "")
-    fitted = fit_inputs(data, rows, inputs, model)
-    pre = fitted.preprocess
-    run_dir.mkdir(parents=True, exist_ok=True)
-    req = TrainRequest(model=model, data=data, rows=rows, run_dir=run_dir, preprocess=pre, seed=seed,
-                       options=dict(options or {}), input_genes=fitted.input_genes, embed_key=inputs.embed_key,
-                       output_space=fitted.output_space, fingerprint=fitted.fingerprint)
-    extra = train_fn(req) or {}
-    pre.save(run_dir)
-    fitted.save(run_dir)
-    meta = {
-        "model": model,
-        "celltwin_version": __version__,
-        "preprocess": pre.to_dict(),
-        "inputs": fitted.to_dict(),
-        "control_label": CONTROL_LABEL,
-        "n_train_cells": int(rows.size),
-        "n_genes": len(pre.genes),
-        "seed": seed,
-        "options": dict(options or {}),
-        "data_fingerprint": fitted.fingerprint,
-        **(extra_meta or {}),
-        **extra,
-    }
-    with atomic_path(run_dir / "run.json") as tmp:
-        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return meta
-
-
-def pd_index_frame(genes: Sequence[str]) -> pd.DataFrame:
-    """An empty var frame indexed by ``genes``."""
-    import pandas as pd
-
-    return pd.DataFrame(index=pd.Index([str(g) for g in genes]))
 
 
 # ---------------------------------------------------------------------------- prediction
-def read_counts_csv(path: str | Path) -> dict[str, int]:
-    """Read a VCC-style ``target_gene,n_cells`` CSV (control rows are ignored)."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(path)
-    except (OSError, ValueError) as e:
-        msg = f"counts file {path}: cannot read as CSV ({e})"
-        raise InputError(msg) from None
-    for col in (PERT_COL, "n_cells"):
-        if col not in df.columns:
-            msg = f"counts file {path}: column {col!r} missing; expected columns {PERT_COL},n_cells, got {list(df.columns)}"
-            raise InputError(msg)
-    n = pd.to_numeric(df["n_cells"], errors="coerce")
-    if n.isna().any() or (n < 1).any():
-        bad = df.loc[n.isna() | (n < 1), PERT_COL].astype(str).tolist()[:5]
-        msg = f"counts file {path}: n_cells expected integers >= 1, bad rows for {bad}"
-        raise InputError(msg)
-    out = {str(p): int(k) for p, k in zip(df[PERT_COL], n, strict=True) if str(p) != CONTROL_LABEL}
-    return out
-
-
 @dataclass
 class PredictRequest:
     """A resolved prediction request: one context, perturbations with their cell counts."""
@@ -323,91 +123,75 @@ def predict_cells(
         "context": request.context,
         "repeat_mean": bool(repeat_mean),
         "seed": int(seed),
-        "sources": json.dumps(sources),
-        "controls_drawn_with_replacement": json.dumps(replaced),
+        "sources": sources_record(sources),
+        "controls_drawn_with_replacement": np.asarray(replaced, dtype=object),
     }
     return out
 
 
+def sources_record(sources: dict[str, str]) -> dict[str, np.ndarray]:
+    """``uns["celltwin_predict"]["sources"]`` as native arrays (perturbation names may hold any
+    character, so they are values, not HDF5 group keys): ``{"perturbation": [...], "source": [...]}``."""
+    return {"perturbation": np.asarray(list(sources), dtype=object),
+            "source": np.asarray([str(v) for v in sources.values()], dtype=object)}
+
+
 def summarize_sources(adata: ad.AnnData) -> dict[str, Any]:
-    """``{perturbation: source}`` recorded by :func:`predict_cells`."""
-    info = adata.uns.get("celltwin_predict", {})
-    return json.loads(info.get("sources", "{}"))
+    """``{perturbation: source}`` recorded in ``uns["celltwin_predict"]["sources"]`` (files written
+    before 0.2 held a JSON string there; it is read too)."""
+    rec = adata.uns.get("celltwin_predict", {}).get("sources")
+    if rec is None:
+        return {}
+    if isinstance(rec, str):
+        return json.loads(rec or "{}")
+    return {str(p): str(v) for p, v in zip(rec["perturbation"], rec["source"], strict=True)}
 
 
-# ---------------------------------------------------------------------------- file-level flows
-@dataclass
-class ResolvedSplit:
-    """A split applied to one dataset: which cells train, which (context, perturbation) pairs to predict."""
+class AnnDataWriter:
+    """The interface of :class:`celltwin.data.writer.CSRH5adWriter` (``append`` row blocks, set ``uns``),
+    collecting an in-memory :class:`anndata.AnnData` instead of a file (``Model.predict``).
 
-    train_mask: np.ndarray  # (n_cells,) bool
-    test_pairs: list[tuple[str, str]]  # (context, perturbation), controls never listed
-    columns: Any  # celltwin.data.columns.ObsColumns
+    Usage::
 
-
-def canonical_obs(adata: ad.AnnData, columns) -> pd.DataFrame:
-    """obs with ``PERT_COL`` (controls relabelled ``CONTROL_LABEL``) and ``CONTEXT_COL`` (str) set.
-
-    The dataset's own columns named by ``columns`` (an ``ObsColumns``) are read; other columns are
-    kept unless they would be overwritten.
+        with AnnDataWriter(obs, var) as w:
+            w.append(block)        # (n_i, G) CSR or dense
+            w.uns["key"] = {...}
+        adata = w.adata            # X CSR float32 (explicit zeros dropped, as in the file writer)
     """
-    obs = adata.obs.copy()
-    perts = columns.perturbations(obs)
-    perts = np.where(perts == columns.control_label, CONTROL_LABEL, perts)
-    ctxs = columns.contexts(obs)
-    obs[PERT_COL] = perts.astype(str)
-    obs[CONTEXT_COL] = ctxs.astype(str)
-    return obs
 
+    def __init__(self, obs: pd.DataFrame, var: pd.DataFrame) -> None:
+        self.obs, self.var = obs, var
+        self.uns: dict[str, Any] = {}
+        self._blocks: list = []
+        self._rows = 0
+        self.adata: ad.AnnData | None = None
 
-def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an .h5ad with a one-line error when it is missing or unreadable."""
-    import anndata as ad
+    def append(self, block) -> None:
+        import scipy.sparse as sp
 
-    p = Path(path)
-    if not p.exists():
-        msg = f"data file {p}: not found"
-        raise InputError(msg)
-    try:
-        return ad.read_h5ad(p)
-    except Exception as e:  # noqa: BLE001 - h5py / anndata raise many types
-        msg = f"data file {p}: cannot read as .h5ad ({type(e).__name__}: {e})"
-        raise InputError(msg) from None
+        b = sp.csr_matrix(block, dtype=np.float32)
+        if b.shape[1] != len(self.var) or self._rows + b.shape[0] > len(self.obs):
+            msg = (f"AnnDataWriter: block {b.shape} after {self._rows} rows does not fit "
+                   f"{len(self.obs)} x {len(self.var)}")
+            raise InputError(msg)
+        b.eliminate_zeros()
+        self._blocks.append(b)
+        self._rows += b.shape[0]
 
+    def __enter__(self) -> Self:
+        return self
 
-def resolve_columns(obs: pd.DataFrame, columns, where: str):
-    """``columns`` (default ``ObsColumns()``) with absent optional default columns dropped, checked.
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._blocks = []
+            return
+        import anndata as ad
+        import scipy.sparse as sp
 
-    A context / batch column named explicitly (not the default) must exist.
-    """
-    from celltwin.data.columns import ObsColumns, require_columns
-
-    cols = columns or ObsColumns()
-    explicit = [c for c, d in ((cols.context_col, CONTEXT_COL), (cols.batch_col, BATCH_COL)) if c not in (None, d)]
-    require_columns(obs, explicit, where)
-    cols = cols.present(obs)
-    cols.check(obs, where)
-    return cols
-
-
-def resolve_split(adata: ad.AnnData, split: str | Path, columns=None, where: str = "<data>") -> ResolvedSplit:
-    """Apply the split file ``split`` (see :mod:`celltwin.data.split`) to ``adata``.
-
-    Unknown contexts / perturbations named by the split and held-out contexts without controls
-    raise :class:`InputError` (from the data module's resolver). Test pairs are sorted by
-    (context, perturbation).
-    """
-    from celltwin.data.split import read_split
-    from celltwin.data.split import resolve_split as _resolve
-
-    cols = resolve_columns(adata.obs, columns, where)
-    idx = _resolve(read_split(split), adata.obs, cols, where=where)
-    mask = np.zeros(adata.n_obs, dtype=bool)
-    mask[idx.train] = True
-    pert = cols.perturbations(adata.obs)
-    ctx = cols.contexts(adata.obs)
-    pairs = sorted({(str(ctx[i]), str(pert[i])) for i in idx.test if pert[i] != cols.control_label})
-    if not pairs:
-        msg = f"split {split}: no test perturbation in {where} (the split holds out nothing to predict)"
-        raise InputError(msg)
-    return ResolvedSplit(train_mask=mask, test_pairs=pairs, columns=cols)
+        if self._rows != len(self.obs):
+            msg = f"AnnDataWriter: {self._rows} rows written, obs has {len(self.obs)}"
+            raise InputError(msg)
+        X = (sp.vstack(self._blocks, format="csr", dtype=np.float32) if self._blocks
+             else sp.csr_matrix((0, len(self.var)), dtype=np.float32))
+        self._blocks = []
+        self.adata = ad.AnnData(X=X, obs=self.obs, var=self.var, uns=self.uns)

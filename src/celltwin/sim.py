@@ -93,13 +93,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 __all__ = [
-    "SimConfig",
+    "EFFECT_CLASSES",
     "PRESETS",
+    "SimConfig",
     "SimTruth",
     "simulate",
-    "write_simulated",
     "simulate_eval_pair",
-    "EFFECT_CLASSES",
+    "write_simulated",
 ]
 
 SIM_VERSION = 1
@@ -228,11 +228,11 @@ class SimConfig:
     # derived sizes ------------------------------------------------------------------
     @property
     def n_strong(self) -> int:
-        return int(round(self.frac_strong * self.n_perts))
+        return round(self.frac_strong * self.n_perts)
 
     @property
     def n_subtle(self) -> int:
-        return min(int(round(self.frac_subtle * self.n_perts)), self.n_perts - self.n_strong)
+        return min(round(self.frac_subtle * self.n_perts), self.n_perts - self.n_strong)
 
     @property
     def n_cells_per_context(self) -> int:
@@ -352,7 +352,7 @@ def _draw_truth(cfg: SimConfig) -> SimTruth:
 
     # shared low-rank programmes: M sparse gene loadings
     M = cfg.n_programs
-    n_prog_genes = max(3, int(round(cfg.program_frac * G)))
+    n_prog_genes = max(3, round(cfg.program_frac * G))
     loadings = np.zeros((M, G))
     for m in range(M):
         idx = rng.choice(G, size=min(n_prog_genes, G), replace=False)

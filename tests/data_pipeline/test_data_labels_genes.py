@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from celltwin.data import (
-    GeneTable,
+    HgncTable,
     ObsColumns,
     knockdown_filter,
     map_genes,
@@ -90,17 +90,17 @@ def test_map_genes_rules(table_path):
     assert m.duplicates == {"KMT2A": ["MLL", "ENSG00000118058.12"], "TP53": ["TP53", "tp53", "p53"]}
     rep = m.report()
     assert "9 genes: 6 mapped, 1 unmapped, 2 ambiguous" in rep and "unmapped: NOPE" in rep
-    ens = map_genes(["SEPT7", "GENEY"], GeneTable.from_tsv(table_path), to="ensembl")
+    ens = map_genes(["SEPT7", "GENEY"], HgncTable.from_tsv(table_path), to="ensembl")
     assert ens.table["mapped"].tolist() == ["ENSG00000122545", "ENSG00000000001"]
 
 
 def test_gene_table_errors(tmp_path):
     with pytest.raises(InputError, match="gene table not found"):
-        GeneTable.from_tsv(tmp_path / "none.tsv")
+        HgncTable.from_tsv(tmp_path / "none.tsv")
     p = tmp_path / "bad.tsv"
     TABLE.drop(columns=["Previous symbol"]).to_csv(p, sep="\t", index=False)
     with pytest.raises(InputError, match=r"lacks column\(s\) 'Previous symbol'; available: Approved symbol"):
-        GeneTable.from_tsv(p)
+        HgncTable.from_tsv(p)
 
 
 @pytest.mark.shared

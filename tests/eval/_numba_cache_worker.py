@@ -43,5 +43,8 @@ def compute() -> dict[str, np.ndarray]:
     return out
 
 
+
+
+
 if __name__ == "__main__":
     np.savez(sys.argv[1], **compute())

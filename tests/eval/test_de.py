@@ -40,7 +40,7 @@ def make_inputs(seed: int = 0, n_ctrl: int = 300, n_pert: int = 40, k: int = 5, 
     n = labels.size
     rate = rng.gamma(0.6, 1.0, size=g)
     effect = np.ones((n, g))
-    for i, name in enumerate(names):
+    for name in names:
         rows = labels == name
         hit = rng.choice(g, size=10, replace=False)
         effect[np.ix_(rows, hit)] = rng.choice([0.1, 4.0], size=10)

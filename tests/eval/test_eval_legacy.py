@@ -11,7 +11,7 @@ import pytest
 
 ad = pytest.importorskip("anndata")
 
-from celltwin.eval import EvalConfig, evaluate  # noqa: E402
+from celltwin.eval import EvalConfig, evaluate
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "legacy"
 CASES = sorted(p.name.removesuffix("_inputs.npz") for p in DATA.glob("*_inputs.npz"))

@@ -9,9 +9,9 @@ import scipy.sparse as sp
 from celltwin.eval._load import is_counts, normalize_log1p
 from celltwin.eval._metrics import (
     describe,
-    discrimination_l1,
-    mae,
-    overlap_at_n,
+    discrimination,
+    mean_error,
+    overlap_k,
     pseudobulk,
     rank_significant,
 )
@@ -31,7 +31,8 @@ def test_pseudobulk_hand(fmt, dtype):
 def test_mae_hand():
     a = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], dtype=np.float32)
     b = np.array([[1.0, 0.0, 6.0], [1.0, 1.0, 1.0]], dtype=np.float32)
-    np.testing.assert_allclose(mae(a, b), [5.0 / 3.0, 1.0], rtol=1e-7)
+    np.testing.assert_allclose(mean_error(a, b), [5.0 / 3.0, 1.0], rtol=1e-7)
+    np.testing.assert_allclose(mean_error(a, b, "mse"), [13.0 / 3.0, 1.0], rtol=1e-7)
 
 
 def test_pds_hand_and_target_exclusion():
@@ -39,7 +40,7 @@ def test_pds_hand_and_target_exclusion():
     real = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     # pred of "A" is closest to real "A"; pred of "B" equals real "C" except on gene "B"
     pred = np.array([[0.9, 0.0, 0.0], [0.0, 9.0, 1.0], [0.0, 0.0, 1.0]])
-    got = discrimination_l1(real, pred, ["A", "B", "C"], genes)
+    got = discrimination(real, pred, ["A", "B", "C"], genes)
     # A: distances (0.1, 1.9, 1.9) -> rank 0 -> 1.0
     # B: gene "B" excluded -> distances to A (g0,g2)=(1,1)=2, to B=(0,1)=1, to C=(0,0)=0 -> rank 1 -> 1 - 1/3
     # C: distances (2, 2, 0) -> rank 0 -> 1.0
@@ -49,7 +50,7 @@ def test_pds_hand_and_target_exclusion():
 def test_pds_tie_uses_argsort_position():
     real = np.zeros((3, 2))
     pred = np.zeros((3, 2))
-    got = discrimination_l1(real, pred, ["A", "B", "C"], ["x", "y"])
+    got = discrimination(real, pred, ["A", "B", "C"], ["x", "y"])
     ranks = [int(np.flatnonzero(np.argsort(np.zeros(3)) == i)[0]) for i in range(3)]
     np.testing.assert_allclose(got, [1 - r / 3 for r in ranks])
 
@@ -69,9 +70,9 @@ def test_overlap_hand():
     real = {"P": np.array(["a", "b", "c", "d"]), "Q": np.array([], dtype=str), "R": np.array(["x"])}
     pred = {"P": np.array(["b", "z", "a", "d", "c"]), "Q": np.array(["a"]), "R": np.array([], dtype=str)}
     # P: top4 real {a,b,c,d} vs top4 pred {b,z,a,d} -> 3/4; Q: no real genes -> 0; R: pred empty -> 0
-    np.testing.assert_allclose(overlap_at_n(real, pred, ["P", "Q", "R"]), [0.75, 0.0, 0.0])
+    np.testing.assert_allclose(overlap_k(real, pred, ["P", "Q", "R"], None, "overlap"), [0.75, 0.0, 0.0])
     none = {"P": np.array([], dtype=str), "Q": np.array([], dtype=str), "R": np.array([], dtype=str)}
-    np.testing.assert_allclose(overlap_at_n(real, none, ["P", "Q", "R"]), [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(overlap_k(real, none, ["P", "Q", "R"], None, "overlap"), [0.0, 0.0, 0.0])
 
 
 def test_describe_matches_polars():

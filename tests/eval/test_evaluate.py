@@ -12,8 +12,8 @@ import scipy.sparse as sp
 ad = pytest.importorskip("anndata")
 cell_eval = pytest.importorskip("cell_eval")
 
-from celltwin.eval import EvalConfig, evaluate  # noqa: E402
-from celltwin.errors import ConfigError  # noqa: E402
+from celltwin.errors import ConfigError
+from celltwin.eval import EvalConfig, evaluate
 
 CTRL = "non-targeting"
 COL = "target_gene"
@@ -346,3 +346,161 @@ def test_clustering_agreement_identity_and_missing_extra(monkeypatch):
     with pytest.warns(UserWarning, match=r"clustering_agreement skipped.*celltwin\[cluster\]"):
         res = evaluate(real.copy(), real.copy(), config=EvalConfig(profile="full"))
     assert "clustering_agreement" not in res.results.columns and "pearson_edistance" in res.results.columns
+
+
+def _cell_eval_run(pred, real, tmp_path, profile, skip_metrics=None):
+    from cell_eval import MetricsEvaluator
+
+    logging.disable(logging.CRITICAL)
+    try:
+        ev = MetricsEvaluator(
+            pred.copy(),
+            real.copy(),
+            control_pert=CTRL,
+            pert_col=COL,
+            num_threads=1,
+            outdir=str(tmp_path / "ce"),
+        )
+        res, agg = ev.compute(
+            profile=profile, skip_metrics=skip_metrics, write_csv=False, break_on_error=True
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    return res.to_pandas(), agg.to_pandas()
+
+
+def _assert_same_nan(ours, ref_res, ref_agg):
+    """Same columns (order included), rows, values and NaN placement (nulls are NaN in both frames)."""
+    assert list(ours.results.columns) == list(ref_res.columns)
+    assert ours.results["perturbation"].tolist() == ref_res["perturbation"].tolist()
+    for c in ref_res.columns[1:]:
+        np.testing.assert_allclose(
+            ours.results[c].to_numpy(float),
+            ref_res[c].to_numpy(float),
+            rtol=0,
+            atol=1e-12,
+            equal_nan=True,
+            err_msg=c,
+        )
+    assert list(ours.agg.columns) == list(ref_agg.columns)
+    for c in ref_agg.columns[1:]:
+        np.testing.assert_allclose(
+            ours.agg[c].to_numpy(float),
+            ref_agg[c].to_numpy(float),
+            rtol=1e-12,
+            atol=1e-12,
+            equal_nan=True,
+            err_msg=c,
+        )
+
+
+@pytest.mark.parametrize("profile", ["minimal", "de"])
+def test_minimal_and_de_profiles_match_cell_eval(profile, tmp_path):
+    """cell-eval's ``minimal`` and ``de`` profiles: same columns in the same order, same values."""
+    kr, kp = FULL_CASES["csr32-counts_vs_dense32-log_null"]
+    real, pred = _screen(0, **kr), _screen(1, **kp)
+    ref_res, ref_agg = _cell_eval_run(pred, real, tmp_path, profile)
+    ours = evaluate(pred.copy(), real.copy(), config=EvalConfig(profile=profile))
+    _assert_same_nan(ours, ref_res, ref_agg)
+    if profile == "minimal":
+        assert list(ours.results.columns[1:]) == [
+            "overlap_at_N",
+            "precision_at_N",
+            "de_nsig_counts_real",
+            "de_nsig_counts_pred",
+            "pearson_delta",
+            "mse",
+            "mae",
+            "discrimination_score_l1",
+        ]
+    else:
+        assert all(
+            c.startswith(("overlap", "precision", "de_", "pr_", "roc_")) for c in ours.results.columns[1:]
+        )
+
+
+def test_skip_metrics_matches_cell_eval(tmp_path):
+    """skip_metrics takes cell-eval's names (de_nsig_counts covers its two columns) and column names."""
+    real = _screen(0, counts=True, sparse=True, dtype=np.float32)
+    pred = _screen(1, counts=False, sparse=True, dtype=np.float32)
+    skip = ["de_nsig_counts", "mse", "pearson_edistance"]  # the last is not in the profile: ignored
+    ref_res, ref_agg = _cell_eval_run(pred, real, tmp_path, "minimal", skip_metrics=skip)
+    ours = evaluate(pred.copy(), real.copy(), config=EvalConfig(profile="minimal", skip_metrics=tuple(skip)))
+    _assert_same_nan(ours, ref_res, ref_agg)
+    assert "mse" not in ours.results.columns and "de_nsig_counts_real" not in ours.results.columns
+    one = evaluate(
+        pred.copy(), real.copy(), config=EvalConfig(profile="minimal", skip_metrics=("de_nsig_counts_pred",))
+    )
+    assert "de_nsig_counts_real" in one.results.columns and "de_nsig_counts_pred" not in one.results.columns
+
+
+def test_num_threads_same_values():
+    real = _screen(0, counts=True, sparse=True, dtype=np.float32)
+    pred = _screen(1, counts=False, sparse=True, dtype=np.float32)
+    a = evaluate(pred.copy(), real.copy(), config=EvalConfig(num_threads=1))
+    b = evaluate(pred.copy(), real.copy(), config=EvalConfig(num_threads=2))
+    pd.testing.assert_frame_equal(a.results, b.results, check_exact=True)
+    pd.testing.assert_frame_equal(a.de_real, b.de_real, check_exact=True)
+
+
+def _with_celltypes(a, seed):
+    """Two cell types with every label in each (counts renormalised per cell type by both tools)."""
+    rng = np.random.default_rng(seed)
+    ct = np.where(rng.random(a.n_obs) < 0.5, "K562", "HepG2/C3A")
+    for lab in np.unique(a.obs[COL].astype(str)):  # each label present in both cell types
+        rows = np.flatnonzero(a.obs[COL].astype(str).to_numpy() == lab)
+        ct[rows[0]], ct[rows[1]], ct[rows[2]] = "K562", "HepG2/C3A", "HepG2/C3A"
+    a.obs["celltype"] = pd.Categorical(ct)
+    return a
+
+
+def test_celltype_col_matches_cell_eval_per_celltype(tmp_path):
+    """``evaluate_by_celltype`` = cell-eval on each cell type's subsets (its --celltype-col)."""
+    from celltwin.eval import evaluate_by_celltype
+
+    real = _with_celltypes(_screen(20, counts=True, sparse=True, dtype=np.float32), 1)
+    pred = _with_celltypes(_screen(21, counts=True, sparse=False, dtype=np.float32), 2)
+    ours = evaluate_by_celltype(pred, real, "celltype")
+    assert list(ours) == [str(c) for c in pd.unique(real.obs["celltype"].astype(str))]
+    for ct, res in ours.items():
+        r = real[(real.obs["celltype"] == ct).to_numpy()].copy()
+        p = pred[(pred.obs["celltype"] == ct).to_numpy()].copy()
+        ref_res, ref_agg = _cell_eval(p, r, tmp_path)
+        _assert_same(res, ref_res, ref_agg)
+    # files prefixed as cell-eval names them ("/" becomes "-")
+    for ct, res in ours.items():
+        res.write(tmp_path / "out", report=False, de_format="csv", prefix=ct)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "HepG2-C3A_results.csv" in names and "K562_agg_results.csv" in names
+    assert "K562_real_de.csv" in names and "results.csv" not in names
+
+
+def test_embed_key_matches_cell_eval(tmp_path):
+    from cell_eval import MetricsEvaluator
+
+    real = _screen(22, counts=False, sparse=True, dtype=np.float32)
+    pred = _screen(23, counts=False, sparse=True, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for a in (real, pred):
+        a.obsm["X_emb"] = rng.normal(size=(a.n_obs, 6)).astype(np.float32)
+        a.obsm["X_emb"][:, 0] += (a.obs[COL] == "A").to_numpy() * 2.0
+    cfg = EvalConfig(profile="full", embed_key="X_emb", skip_metrics=("clustering_agreement",))
+    ours = evaluate(pred, real, config=cfg)
+    logging.disable(logging.CRITICAL)
+    try:
+        ev = MetricsEvaluator(pred.copy(), real.copy(), control_pert=CTRL, pert_col=COL, num_threads=1,
+                              outdir=str(tmp_path / "ce"))
+        kw = {"embed_key": "X_emb"}
+        res, _ = ev.compute(profile="full", skip_metrics=["clustering_agreement"], write_csv=False,
+                            break_on_error=True,
+                            metric_configs={"discrimination_score_l2": kw, "discrimination_score_cosine": kw})
+    finally:
+        logging.disable(logging.NOTSET)
+    ref = res.to_pandas()
+    for c in ("discrimination_score_l2", "discrimination_score_cosine", "discrimination_score_l1", "mae"):
+        np.testing.assert_allclose(ours.results[c].to_numpy(float), ref[c].to_numpy(float), rtol=0, atol=1e-12)
+    plain = evaluate(pred, real, config=EvalConfig(profile="full", skip_metrics=("clustering_agreement",)))
+    assert not np.array_equal(plain.results["discrimination_score_l2"], ours.results["discrimination_score_l2"])
+    with pytest.raises(Exception, match="obsm key 'nope' not found"):
+        evaluate(pred, real, config=EvalConfig(profile="full", embed_key="nope",
+                                               skip_metrics=("clustering_agreement",)))

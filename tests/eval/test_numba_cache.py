@@ -107,6 +107,9 @@ def test_concurrent_cold_cache_runs_agree(tmp_path):
         assert tup[0] == K._CACHE_TAG and tup[n_hdr] == key
 
 
+# slow: two cold-cache worker processes compile every kernel (~70 s on 2 busy cores); the guard's
+# rejection of an index entry naming another key's data is unit-tested in-process below
+@pytest.mark.slow
 def test_index_naming_another_signatures_code_is_recompiled(tmp_path):
     """The end state of numba's save race: the float64 key points at float32 machine code.
 
@@ -212,3 +215,32 @@ def test_kernels_in_bounds_under_boundscheck(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout and "failed" not in res.stdout
     assert time.perf_counter() - t0 < 300
+
+
+def test_no_kernel_uses_numbas_argsort():
+    """The kernels must not mix numba's ``np.sort`` and ``np.argsort`` helpers.
+
+    numba names the helpers of both after the same factory (``make_quicksort_impl.<locals>.
+    run_quicksort`` for the same argument types) plus a per-process counter, so an argsort helper
+    compiled in one process and a sort helper compiled in another can share a symbol name, and a
+    process that loads both from the on-disk cache links one in place of the other: a shared
+    cache written by concurrent processes gave wrong p-values and a segfault in ``bh_rows``
+    (rank-sum kernel and BH kernel cached by different processes). BH therefore sorts with
+    ``_kernels._argsort_nan_last``; this checks the compiled code of every kernel signature used
+    by a DE table for numba's argsort implementation.
+    """
+    sys.path.insert(0, str(HERE))
+    try:
+        import _numba_cache_worker as w
+    finally:
+        sys.path.remove(str(HERE))
+    w.compute()  # compiles (or loads) every v2 kernel signature of dense64 / dense32 / csr32
+    seen = 0
+    for name in dir(K):
+        disp = getattr(K, name)
+        if not hasattr(disp, "inspect_llvm") or not getattr(disp, "signatures", None):
+            continue
+        for sig, ir in disp.inspect_llvm().items():
+            seen += 1
+            assert "array_argsort" not in ir, f"{name}{sig} uses numba's argsort"
+    assert seen >= 10

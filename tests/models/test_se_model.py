@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from celltwin.errors import ConfigError, InputError  # noqa: E402
-from celltwin.models.state_embedding import (  # noqa: E402
+from celltwin.errors import ConfigError, InputError
+from celltwin.models.state_embedding import (
     StateEmbeddingConfig,
     StateEmbeddingModel,
     energy_distance_1d,

@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 ad = pytest.importorskip("anndata")
-import scipy.sparse as sp  # noqa: E402
+import scipy.sparse as sp
 
-from celltwin._constants import EMBED_KEY  # noqa: E402
-from celltwin.cli import main  # noqa: E402
-from celltwin.errors import InputError  # noqa: E402
+from celltwin._constants import EMBED_KEY
+from celltwin.cli import main
+from celltwin.errors import InputError
 
 N_CELLS, N_GENES = 96, 70
 

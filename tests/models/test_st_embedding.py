@@ -12,7 +12,8 @@ from celltwin.errors import ConfigError, InputError
 
 torch = pytest.importorskip("torch")
 
-from celltwin.models.st_runner import SEBridge, StateOptions  # noqa: E402
+from celltwin.models.st_options import StateOptions
+from celltwin.models.st_se_bridge import SEBridge
 
 FAST = {"preset": "tiny", "steps": "80", "batch_sets": "4", "lr": "3e-3", "progress": "false",
         "tensorboard": "false", "threads": "1", "warmup": "5", "input_space": "embedding",
@@ -128,8 +129,8 @@ def test_cli_train_embedding_with_given_se_model_then_predict_and_eval(se_run, t
     import anndata as ad
 
     from celltwin.cli import main
-    from celltwin.data.split import make_split
     from celltwin.data.columns import ObsColumns
+    from celltwin.data.split_draw import make_split
 
     adata, out, _ = se_run
     data = tmp_path / "sim.h5ad"

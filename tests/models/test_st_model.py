@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from celltwin.errors import ConfigError
-from celltwin.models import PRESETS, STConfig, StateTransition, sample_counts
+from celltwin.models import PRESETS, StateTransition, STConfig, sample_counts
 from celltwin.models.state_transition import inverse_softplus
 
 
 def _model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = STConfig.from_preset("tiny", input_dim=12, n_perts=5, n_contexts=2, n_batches=3, **kw)
+    cfg = STConfig.from_preset("tiny", input_dim=12, n_perts=5, n_contexts=2, **kw)
     m = StateTransition(cfg)
     # move off the identity start so the tests see a non-trivial map
     with torch.no_grad():
@@ -25,7 +25,7 @@ def _inputs(B=2, S=10, D=12, seed=1):
     g = torch.Generator().manual_seed(seed)
     ctrl = torch.rand(B, S, D, generator=g) * 3
     ctrl[ctrl < 1] = 0  # sparse-ish log1p values
-    return ctrl, torch.tensor([1, 4][:B]), torch.tensor([1, 2][:B]), torch.randint(0, 4, (B, S), generator=g)
+    return ctrl, torch.tensor([1, 4][:B]), torch.tensor([1, 2][:B])
 
 
 def test_published_preset_matches_the_paper_configuration():
@@ -56,36 +56,36 @@ def test_config_validation():
 
 def test_output_shape_and_positivity():
     m = _model()
-    ctrl, p, c, b = _inputs()
-    out = m(ctrl, p, c, b)
+    ctrl, p, c = _inputs()
+    out = m(ctrl, p, c)
     assert out["pred"].shape == (2, 10, 12) and (out["pred"] > 0).all()
 
 
 def test_permutation_equivariant_over_the_set():
     m = _model()
-    ctrl, p, c, b = _inputs()
+    ctrl, p, c = _inputs()
     perm = torch.randperm(10, generator=torch.Generator().manual_seed(5))
-    out = m(ctrl, p, c, b)["pred"]
-    out_p = m(ctrl[:, perm], p, c, b[:, perm])["pred"]
+    out = m(ctrl, p, c)["pred"]
+    out_p = m(ctrl[:, perm], p, c)["pred"]
     torch.testing.assert_close(out_p, out[:, perm], rtol=1e-5, atol=1e-6)
     # ...but not a per-cell map: changing another cell changes this cell's output (attention mixes)
     ctrl2 = ctrl.clone()
     ctrl2[:, 1:] += 1.0
-    assert not torch.allclose(m(ctrl2, p, c, b)["pred"][:, 0], out[:, 0])
+    assert not torch.allclose(m(ctrl2, p, c)["pred"][:, 0], out[:, 0])
 
 
 def test_perturbation_and_context_change_the_output():
     m = _model()
-    ctrl, p, c, b = _inputs()
-    a = m(ctrl, p, c, b)["pred"]
-    assert not torch.allclose(a, m(ctrl, torch.tensor([2, 3]), c, b)["pred"])
-    assert not torch.allclose(a, m(ctrl, p, torch.tensor([0, 0]), b)["pred"])
+    ctrl, p, c = _inputs()
+    a = m(ctrl, p, c)["pred"]
+    assert not torch.allclose(a, m(ctrl, torch.tensor([2, 3]), c)["pred"])
+    assert not torch.allclose(a, m(ctrl, p, torch.tensor([0, 0]))["pred"])
 
 
 def test_identity_at_initialisation():
     torch.manual_seed(0)
     m = StateTransition(STConfig.from_preset("tiny", input_dim=12, n_perts=5)).eval()
-    ctrl, p, _, _ = _inputs()
+    ctrl, p, _ = _inputs()
     out = m(ctrl, p)["pred"]
     torch.testing.assert_close(out, ctrl.clamp_min(1e-3), rtol=1e-5, atol=1e-6)
     y = torch.tensor([1e-3, 0.5, 3.0, 30.0])
@@ -133,8 +133,8 @@ def test_save_and_load_pretrained_roundtrip(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"model.safetensors", "config.json", "vocab.json"}
     m2 = StateTransition.from_pretrained(tmp_path).eval()
     assert m2.config == m.config and m2.vocab == m.vocab
-    ctrl, p, c, b = _inputs()
-    torch.testing.assert_close(m2(ctrl, p, c, b)["pred"], m(ctrl, p, c, b)["pred"], rtol=0, atol=0)
+    ctrl, p, c = _inputs()
+    torch.testing.assert_close(m2(ctrl, p, c)["pred"], m(ctrl, p, c)["pred"], rtol=0, atol=0)
 
 
 def test_a_few_steps_reduce_the_energy_loss():

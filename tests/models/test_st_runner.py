@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,7 @@ from celltwin.errors import ConfigError
 
 torch = pytest.importorskip("torch")
 
-from celltwin.models.st_runner import DEMO_OPTIONS, StateOptions, parse_loss  # noqa: E402
+from celltwin.models.st_options import DEMO_OPTIONS, StateOptions, parse_loss
 
 FAST = {"preset": "tiny", "steps": "60", "batch_sets": "4", "lr": "3e-3", "progress": "false",
         "tensorboard": "false", "threads": "1", "warmup": "5"}
@@ -111,7 +109,9 @@ def test_cli_predict_with_perturbations(tiny_run, tmp_path):
     pred = ad.read_h5ad(tmp_path / "pred.h5ad")
     labels = pred.obs[PERT_COL].astype(str)
     assert set(labels) == {p0, CONTROL_LABEL}
-    assert json.loads(pred.uns["celltwin_predict"]["sources"])[p0] == "model"
+    from celltwin.predict import summarize_sources
+
+    assert summarize_sources(pred)[p0] == "model"
 
 
 def test_validation_reports_vcc_metrics(tmp_path):

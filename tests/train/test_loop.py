@@ -20,7 +20,7 @@ from celltwin.train import TrainConfig, fit, lr_lambda, seed_everything
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import _train_toy as toy  # noqa: E402
+import _train_toy as toy
 
 SCRIPT = HERE / "_train_toy.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parents[1] / "src")}
@@ -163,6 +163,9 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     assert not torch.equal(b0["x"], b1["x"])
 
 
+# slow: three training processes (~16 s); the quick loop keeps the in-process checkpoint round trip
+# (test_checkpoint.py) and CI's full suite the other kill-and-resume tests
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     p_full = _run_script(full, 20, 4)

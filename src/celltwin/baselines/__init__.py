@@ -3,33 +3,66 @@
 Each predicts a shift in model space (log1p-normalised) added to control cells; the exact rules,
 including what happens for a perturbation never seen in training, are in
 :mod:`celltwin.baselines.models`. ``train`` / ``load_predictor`` are the registry entry points used
-by ``celltwin train`` / ``celltwin predict`` (see :mod:`celltwin.predict`).
+by ``celltwin train`` / ``celltwin predict`` (see :mod:`celltwin.registry`); the notebook classes
+(``CellMeanModel``, ...) are in :mod:`celltwin.baselines.api`, the options in
+:mod:`celltwin.baselines.options`. Importing the package is cheap (names load on first use).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
-from celltwin.baselines._effects import EffectTable, fit_effect_table, group_means
-from celltwin.baselines.models import BASELINES, Baseline, BaselineConfig, fit_baseline, load_baseline
 
 if TYPE_CHECKING:  # pragma: no cover
-    from celltwin.predict import TrainRequest
+    from celltwin.baselines.models import Baseline
+    from celltwin.runs import TrainRequest
 
 __all__ = [
     "BASELINES",
+    "CHUNK",
+    "AdditiveModel",
     "Baseline",
     "BaselineConfig",
+    "BaselineModel",
+    "BaselineOptions",
+    "CellMeanModel",
+    "ContextTransferModel",
+    "ControlModel",
     "EffectTable",
+    "LinearModel",
+    "PerturbationMeanModel",
+    "ScaledContextTransferModel",
     "fit_baseline",
     "fit_effect_table",
     "group_means",
     "load_baseline",
-    "train",
     "load_predictor",
+    "train",
 ]
+
+# names loaded on first use (importing the package stays cheap: `celltwin train --help` reads the options)
+_LAZY = {
+    **dict.fromkeys(("BASELINES", "Baseline", "BaselineConfig", "fit_baseline", "load_baseline"),
+                    "celltwin.baselines.models"),
+    **dict.fromkeys(("EffectTable", "fit_effect_table", "group_means"), "celltwin.baselines._effects"),
+    "BaselineOptions": "celltwin.baselines.options",
+    **dict.fromkeys(("BaselineModel", "ControlModel", "CellMeanModel", "PerturbationMeanModel",
+                     "ContextTransferModel", "ScaledContextTransferModel", "LinearModel", "AdditiveModel"),
+                    "celltwin.baselines.api"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'celltwin.baselines' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def train(request: TrainRequest) -> dict:
@@ -40,7 +73,7 @@ def train(request: TrainRequest) -> dict:
     table, never the cells. The result is bitwise the in-memory fit on the same cells.
     """
     from celltwin.baselines._effects import GroupSums, effect_groups, effect_table_from_sums
-    from celltwin.baselines.models import fitted_params
+    from celltwin.baselines.models import Baseline, BaselineConfig, fitted_params
 
     cfg = BaselineConfig.from_options(request.model, request.options)
     obs = request.obs
@@ -68,7 +101,8 @@ CHUNK = 4096
 
 def load_predictor(run_dir: str | Path) -> Baseline:
     """Registry load function: the fitted :class:`Baseline` of a run directory."""
-    from celltwin.predict import read_run
+    from celltwin.baselines.models import load_baseline
+    from celltwin.runs import read_run
 
     _, genes = read_run(run_dir)
     return load_baseline(run_dir, genes)

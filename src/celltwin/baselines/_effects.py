@@ -12,10 +12,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from celltwin._constants import COMBO_SEP
 from celltwin.errors import InputError
 
-__all__ = ["group_means", "GroupSums", "EffectTable", "fit_effect_table", "effect_table_from_sums", "combo_parts"]
+__all__ = ["EffectTable", "GroupSums", "effect_table_from_sums", "fit_effect_table", "group_means"]
 
 
 def group_means(X, codes: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -116,18 +115,24 @@ class EffectTable:
                 return int(k)
         return -1
 
+    def _shift_pairs(self, c: int) -> tuple[np.ndarray, str]:
+        """Training pairs a mean shift is taken over: ``(rows, scope)``, scope ``context`` (those of
+        context ``c``), else ``all-contexts``, else ``none`` (no training pair at all)."""
+        idx = self.pairs_in(c) if c >= 0 else np.array([], dtype=np.int64)
+        if idx.size:
+            return idx, "context"
+        idx = np.arange(len(self.pair_pert))
+        return idx, ("all-contexts" if idx.size else "none")
+
     def cell_mean_shift(self, c: int) -> tuple[np.ndarray, str]:
-        """Cell-weighted mean shift of all training perturbed cells (VCC cell-mean baseline).
+        """Cell-weighted mean shift of all training perturbed cells (the ``cell-mean`` model; not the VCC baseline).
 
         In context ``c`` when it has training perturbations, else pooled over all contexts
         (each cell's shift measured against its own context's controls). Returns (shift, scope).
         """
-        idx = self.pairs_in(c) if c >= 0 else np.array([], dtype=np.int64)
-        scope = "context"
+        idx, scope = self._shift_pairs(c)
         if idx.size == 0:
-            idx, scope = np.arange(len(self.pair_pert)), "all-contexts"
-        if idx.size == 0:
-            return np.zeros(self.n_genes), "none"
+            return np.zeros(self.n_genes), scope
         w = self.pair_count[idx].astype(np.float64)
         return (w[:, None] * self.pair_effect[idx]).sum(0) / w.sum(), scope
 
@@ -136,12 +141,9 @@ class EffectTable:
 
         In context ``c`` when it has training perturbations, else over all training pairs.
         """
-        idx = self.pairs_in(c) if c >= 0 else np.array([], dtype=np.int64)
-        scope = "context"
+        idx, scope = self._shift_pairs(c)
         if idx.size == 0:
-            idx, scope = np.arange(len(self.pair_pert)), "all-contexts"
-        if idx.size == 0:
-            return np.zeros(self.n_genes), "none"
+            return np.zeros(self.n_genes), scope
         return self.pair_effect[idx].mean(0), scope
 
     def transfer(self, c: int, pert: str) -> np.ndarray | None:
@@ -267,8 +269,3 @@ def fit_effect_table(
     sums = GroupSums(groups.n_groups, X.shape[1])
     sums.add(X, groups.codes)
     return effect_table_from_sums(groups, sums, control_label, min_cells)
-
-
-def combo_parts(pert: str) -> list[str]:
-    """Components of a combinatorial label ``"A+B"`` (``COMBO_SEP``); a single gives ``[pert]``."""
-    return [p for p in pert.split(COMBO_SEP) if p]

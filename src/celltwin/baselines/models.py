@@ -12,8 +12,12 @@ context c's controls); ``n(c, q)`` its number of cells.
 
 * ``control``: ``delta = 0`` (predicts no effect). Never falls back.
 * ``cell-mean``: ``sum_q n(c,q) d(c,q) / sum_q n(c,q)`` over the training pairs of context c: the
-  mean shift of all training perturbed cells (VCC's cell-mean baseline; ``celltwin predict
-  --repeat-mean`` from the same context's controls gives exactly the mean perturbed training cell). When c has no training
+  mean shift of all training perturbed cells, added to each control cell (``celltwin predict
+  --repeat-mean`` from the same context's controls gives exactly the mean perturbed training cell).
+  NOT the VCC baseline (``celltwin baseline``, cell-eval's cell-mean, :func:`celltwin.eval.vcc_baseline`):
+  that one gives every predicted cell one vector, the unweighted mean of the groups' mean
+  expression with the control group counted as a group, so it scores differently (DE calls, MAE);
+  ``celltwin score`` normalises against it. When c has no training
   perturbations (zero-shot) the sum runs over every training pair of every context. Never falls back.
 * ``perturbation-mean``: the unweighted mean of ``d(c, q)`` over the training pairs of context c
   (each perturbation counts once); all contexts when c has none. Never falls back.
@@ -47,10 +51,12 @@ from pathlib import Path
 import numpy as np
 
 from celltwin._io import atomic_path
-from celltwin.baselines._effects import EffectTable, combo_parts, fit_effect_table
+from celltwin.baselines._effects import EffectTable, fit_effect_table
+from celltwin.baselines.options import BaselineOptions
+from celltwin.data.columns import parse_perturbation
 from celltwin.errors import ConfigError, InputError
 
-__all__ = ["BASELINES", "BaselineConfig", "Baseline", "fit_baseline", "fitted_params", "load_baseline"]
+__all__ = ["BASELINES", "Baseline", "BaselineConfig", "fit_baseline", "fitted_params", "load_baseline"]
 
 BASELINES: tuple[str, ...] = (
     "control",
@@ -67,42 +73,31 @@ _NPZ = "baseline.npz"
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """Options of a baseline fit (``celltwin train --set key=value``)."""
+    """A baseline fit: the model name plus its :class:`~celltwin.baselines.options.BaselineOptions`.
+
+    Defaults and checks of the options come from ``BaselineOptions`` (the one place they are defined).
+    """
 
     name: str
-    min_cells: int = 1  # training pairs with fewer cells are dropped (listed in run.json)
-    linear_dim: int = 10  # K of the linear baseline (paper default)
-    linear_ridge: float = 0.1  # ridge penalty l of the linear baseline (paper default)
+    min_cells: int = BaselineOptions.min_cells
+    linear_dim: int = BaselineOptions.linear_dim
+    linear_ridge: float = BaselineOptions.linear_ridge
 
     def __post_init__(self) -> None:
         if self.name not in BASELINES:
             msg = f"baseline: model expected one of {', '.join(BASELINES)}, got {self.name!r}"
             raise ConfigError(msg)
-        if self.min_cells < 1:
-            msg = f"baseline: min_cells expected >= 1, got {self.min_cells}"
-            raise ConfigError(msg)
-        if self.linear_dim < 1:
-            msg = f"baseline: linear_dim expected >= 1, got {self.linear_dim}"
-            raise ConfigError(msg)
-        if not self.linear_ridge >= 0:
-            msg = f"baseline: linear_ridge expected >= 0, got {self.linear_ridge}"
-            raise ConfigError(msg)
+        self.options()  # type and value checks
+
+    def options(self) -> BaselineOptions:
+        return BaselineOptions(min_cells=self.min_cells, linear_dim=self.linear_dim, linear_ridge=self.linear_ridge)
 
     @classmethod
-    def from_options(cls, name: str, options: dict[str, str]) -> BaselineConfig:
-        """Build from ``--set`` strings; unknown keys are an error."""
-        types = {"min_cells": int, "linear_dim": int, "linear_ridge": float}
-        kw = {}
-        for k, v in options.items():
-            if k not in types:
-                msg = f"baseline {name}: unknown option {k!r}; expected one of {', '.join(types)}"
-                raise ConfigError(msg)
-            try:
-                kw[k] = types[k](v)
-            except ValueError:
-                msg = f"baseline {name}: option {k} expected {types[k].__name__}, got {v!r}"
-                raise ConfigError(msg) from None
-        return cls(name=name, **kw)
+    def from_options(cls, name: str, options: BaselineOptions | dict[str, str] | None = None) -> BaselineConfig:
+        """From typed options, or ``--set`` strings (unknown keys and bad values raise ConfigError)."""
+        if not isinstance(options, BaselineOptions):
+            options = BaselineOptions.from_strings(options or {})
+        return cls(name=name, **asdict(options))
 
 
 class Baseline:
@@ -138,14 +133,14 @@ class Baseline:
             a = float(alpha[c]) if c >= 0 and np.isfinite(alpha[c]) else float(self.params["alpha_pooled"])
             return a * tr, "model"
         if name == "linear":
-            parts = combo_parts(perturbation)
+            parts = parse_perturbation(perturbation)
             if not parts or any(p not in self._gene_index for p in parts):
                 return t.cell_mean_shift(c)[0], FALLBACK
             E, W = self.params["embedding"], self.params["W"]
             e = E[[self._gene_index[p] for p in parts]].sum(0)  # (K,)
             return t.pert_mean_shift(c)[0] + E @ (W @ e), "model"
         if name == "additive":
-            ks = [t.lookup(c, p) for p in combo_parts(perturbation)] if c >= 0 else [-1]
+            ks = [t.lookup(c, p) for p in parse_perturbation(perturbation)] if c >= 0 else [-1]
             if not ks or min(ks) < 0:
                 return t.cell_mean_shift(c)[0], FALLBACK
             return t.pair_effect[ks].sum(0), "model"
@@ -169,9 +164,8 @@ class Baseline:
         arrays = dict(self.table.to_arrays())
         arrays.update({f"param_{k}": v for k, v in self.params.items()})
         arrays["config_json"] = np.asarray(json.dumps(asdict(self.config)))
-        with atomic_path(run_dir / _NPZ) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
+        with atomic_path(run_dir / _NPZ) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
         return {"baseline": asdict(self.config), "n_training_pairs": len(self.table.pair_pert)}
 
 
@@ -200,12 +194,12 @@ def _linear_params(t: EffectTable, genes: list[str], dim: int, ridge: float) -> 
     R = (t.pair_effect - base).T  # (G, P) residual effects, genes as observations
     Rc = R - R.mean(0, keepdims=True)  # centre each column over genes (as PCA of the genes)
     U, S, _ = np.linalg.svd(Rc, full_matrices=False)
-    k = int(max(1, min(dim, int((S > S.max(initial=0) * 1e-10).sum()) or 1)))
+    k = int(max(1, min(dim, int((S.max(initial=0) * 1e-10 < S).sum()) or 1)))
     E = U[:, :k] * S[:k]  # (G, K) gene embedding (PCA scores)
     gidx = {g: i for i, g in enumerate(genes)}
     cols, rows = [], []
     for j, p in enumerate(t.pair_pert):
-        parts = combo_parts(p)
+        parts = parse_perturbation(p)
         if parts and all(q in gidx for q in parts):
             cols.append(j)
             rows.append(E[[gidx[q] for q in parts]].sum(0))

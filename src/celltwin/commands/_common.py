@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 __all__ = [
     "add_column_arguments",
+    "column_overrides",
     "columns_from_args",
     "non_negative_int",
     "parse_sets",
@@ -68,10 +69,18 @@ def progress_callback(label: str, unit: str = "", enabled: bool = True) -> Itera
 
 
 def add_column_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data columns (default: the split file's, else target_gene / non-targeting / context)")
+    g = p.add_argument_group(
+        "data columns",
+        "Each name not given here comes from the split's [columns] table (written by `celltwin split`), "
+        "then (predict) the run's, else target_gene / non-targeting / context / batch; a flag given here "
+        "wins over the split file. The default context (batch) column is optional: a file without it is "
+        "one context (batch) named 'all'.",
+    )
     g.add_argument("--pert-col", default=None, help="obs column with the perturbation label")
-    g.add_argument("--control-label", default=None, help="label of control cells in the perturbation column")
-    g.add_argument("--context-col", default=None, help="obs column with the context (cell line / condition)")
+    g.add_argument("--control-pert", "--control-label", dest="control_label", default=None,
+                   help="label of control cells in the perturbation column (--control-label is an alias)")
+    g.add_argument("--context-col", default=None,
+                   help="obs column with the context (cell line / condition); default context")
     g.add_argument("--batch-col", default=None, help="obs column with the batch")
 
 
@@ -86,14 +95,41 @@ def columns_from_args(args: argparse.Namespace):
     return ObsColumns(**given)
 
 
-def parse_sets(items: list[str] | None) -> dict[str, str]:
+def column_overrides(args: argparse.Namespace) -> dict[str, str] | None:
+    """The column names given on the command line, by ObsColumns field (None when none was given).
+
+    Unlike :func:`columns_from_args`, fields not given stay unset, so the split's ``[columns]`` and
+    the run's names fill them (:func:`celltwin.data.columns.merge_columns`).
+    """
+    names = ("pert_col", "control_label", "context_col", "batch_col")
+    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return given or None
+
+
+def parse_sets(items: list[str] | None, model: str | None = None, extra: dict[str, str] | None = None):
+    """``--set KEY=VALUE`` items (a later key wins).
+
+    Without ``model``: the ``{key: value}`` strings. With ``model``: that model's typed options
+    (its dataclass in :mod:`celltwin.registry`: values converted by the field types, the model's
+    own defaults applied, ``extra`` (options set by other flags) on top; an unknown key is a
+    one-line ConfigError listing the valid ones).
+    """
     from celltwin.errors import ConfigError
 
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             msg = f"--set expected KEY=VALUE, got {item!r}"
             raise ConfigError(msg)
         out[key.strip()] = value.strip()
-    return out
+    if model is None:
+        return out
+    from celltwin.registry import get_spec
+
+    spec = get_spec(model)
+    try:
+        spec.options_class().check_keys(out)
+    except ConfigError as e:
+        raise ConfigError(f"--set (model {model}): {e}") from None
+    return spec.parse_options({**out, **(extra or {})})

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from celltwin._io import check_outputs
-    from celltwin.vcc import write_cell_mean_baseline
+    from celltwin.eval import write_cell_mean_baseline
 
     check_outputs(
         {

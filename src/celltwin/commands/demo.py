@@ -9,8 +9,9 @@ DESCRIPTION = """\
 Simulate a screen with known ground truth (celltwin.sim), hold out half of the last context's
 perturbations (few-shot, like the Virtual Cell Challenge), train every baseline (and every other
 registered model, e.g. the State Transition model, when torch is installed), predict the held-out
-cells, evaluate them with the VCC metrics and print a table: DES / PDS / MAE, the normalised
-score against the cell-mean baseline, and the correlation of each prediction with the true effect.
+cells, evaluate them with the VCC metrics and print a table: DES / PDS / MAE, the score
+normalised against the project's cell-mean model (VCC formula; not the VCC baseline, see
+`celltwin score`), and the correlation of each prediction with the true effect.
 
 Writes under DIR: data.h5ad, split.toml, runs/<model>/, preds/<model>.h5ad, real.h5ad,
 eval/<model>/ (cell-eval style CSVs), summary.csv and report/ (index.md, index.html, PNG plots).
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(*cells)
     console.print(table)
     console.print("DES, PDS, score, pearson_true: higher is better; MAE: lower is better. "
-                  "score = normalised VCC score vs cell-mean; observed = the real held-out cells.")
+                  "score = normalised vs the cell-mean model (not the VCC baseline); observed = the real held-out cells.")
     where = f"{args.output}/report/index.html" if cfg.report else f"{args.output}/summary.csv"
     console.print(f"done in {res.timings['total']:.1f}s; report: {where}")
     return 0

@@ -7,7 +7,7 @@ import os
 
 from celltwin.commands._common import (
     add_column_arguments,
-    columns_from_args,
+    column_overrides,
     non_negative_int,
     positive_float,
     positive_int,
@@ -130,54 +130,27 @@ def _fit(args: argparse.Namespace) -> int:
     )
     cells = None
     if args.split is not None:  # read and check the split before the (slow) torch import
+        from celltwin.data.columns import merge_columns, resolve_columns
         from celltwin.data.source import H5adSource
         from celltwin.data.split import read_split, resolve_split
-        from celltwin.predict import resolve_columns
 
         split = read_split(args.split)
         obs = H5adSource(args.data).obs
-        cols = resolve_columns(obs, columns_from_args(args), args.data)
+        cols = resolve_columns(obs, merge_columns(column_overrides(args), split.columns), args.data)
         cells = resolve_split(split, obs, cols, where=args.data).train
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"training on the {cells.size} training cells of {args.split}")
-    from celltwin.models.se_runner import fit_state_embedding  # torch: after the cheap checks
-    from celltwin.models.state_embedding import StateEmbeddingConfig
-    from celltwin.train import TrainConfig
+    from celltwin.models.se_options import SEOptions
+    from celltwin.models.se_runner import fit_se  # torch: after the cheap checks
 
-    overrides = {
-        k: v
-        for k, v in (("loss", args.loss), ("sentence_len", args.sentence_len), ("n_mask", args.n_mask))
-        if v is not None
-    }
-    cfg = StateEmbeddingConfig.preset(args.preset, seed=args.seed, **overrides)
-    warmup = args.warmup if args.warmup is not None else max(0, args.steps // 20)
-    tcfg = TrainConfig(
-        max_steps=args.steps,
-        lr=args.lr,
-        warmup_steps=min(warmup, args.steps),
-        device=args.device,
-        precision=args.precision,
-        seed=args.seed,
-        ckpt_every=args.ckpt_every,
-        resume=not args.no_resume,
-        progress=not args.no_progress,
-        log_every=10,
+    opts = SEOptions.create(
+        preset=args.preset, loss=args.loss or "", sentence_len=args.sentence_len or 0, n_mask=args.n_mask or 0,
+        gene_dim=args.gene_dim, n_top_genes=args.n_top_genes or 0, steps=args.steps, batch_size=args.batch_size,
+        num_workers=args.num_workers, lr=args.lr, warmup=-1 if args.warmup is None else args.warmup,
+        ckpt_every=args.ckpt_every, device=args.device, precision=args.precision, resume=not args.no_resume,
+        progress=not args.no_progress, genes=args.genes or "", gene_list=args.gene_list or "", hgnc=args.hgnc or "",
     )
-    res = fit_state_embedding(
-        args.data,
-        args.output,
-        config=cfg,
-        train_config=tcfg,
-        gene_table=args.genes,
-        cells=cells,
-        hgnc=args.hgnc,
-        gene_list=args.gene_list,
-        gene_dim=args.gene_dim,
-        dataset_key=args.dataset_key,
-        n_top_genes=args.n_top_genes,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-    )
+    res = fit_se(args.data, args.output, opts, seed=args.seed, cells=cells, dataset_key=args.dataset_key)
     rate = f", {res.train.items_per_s:.1f} cells/s" if res.train.items_per_s else ""
     loss = res.train.last_losses.get("loss")
     msg = f"trained SE ({args.preset}) for {res.train.step} steps{rate}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 HELP = "evaluate a prediction (.h5ad) against the real data with the VCC metrics (cell-eval exact)"
@@ -27,14 +28,30 @@ ROC AUC, pearson_delta, mse, mae, their deltas, PDS l1/l2/cosine, pearson_edista
 clustering_agreement). clustering_agreement (Leiden clustering of perturbation centroids) needs
 the optional extra: pip install 'celltwin[cluster]' (scanpy + python-igraph); without it the column
 is left out with a warning. pearson_edistance is quadratic in the number of control cells.
+Profile de computes the DE metrics of full; profile minimal computes overlap_at_N,
+precision_at_N, de_nsig_counts_real/_pred, pearson_delta, mse, mae and discrimination_score_l1
+(cell-eval's profiles, same column order). --skip-metrics mae,mse leaves columns out (cell-eval's
+names; de_nsig_counts leaves out both count columns).
 
 --mode legacy reproduces the 2025 leaderboard scorer (cell-eval 0.6.6 + pdex 0.1.27) instead.
 
 Outputs in -o DIR: results.csv (one row per perturbation), agg_results.csv (count, mean, std,
 quantiles per metric), real_de.parquet and pred_de.parquet (DE tables, pdex columns, one row per
-perturbation and gene), report.md with plots (PNG). --de-format csv writes the DE tables as
+perturbation and gene), report.html (self-contained: summary, per-metric distributions, best and
+worst perturbations, per-perturbation table) and report.md with the same plots (PNG). --de-format csv writes the DE tables as
 real_de.csv / pred_de.csv, the files cell-eval writes (about 5x slower to write and 3x larger at
 18,080 genes); --de-format none skips them. Read either with pandas or polars.
+
+-dr/--de-real and -dp/--de-pred read precomputed DE tables (.csv as cell-eval writes them, or
+.parquet as written here) instead of computing them. --num-threads N sets the threads of the DE
+computation (default: every core; the values do not depend on it).
+
+cell-eval's spellings work too: -ap/--adata-pred, -ar/--adata-real, --control-pert (also
+--control), --pert-col, --profile, --skip-metrics, --num-threads, -dp/-dr, -o/--outdir,
+--celltype-col (each cell type evaluated on its own, files prefixed with it), --embed-key.
+
+Memory: the files are streamed (validated in one pass, then read group batch by group batch);
+peak memory is about the control cells plus ~1.5 GB, whatever the number of cells.
 
 --control-source real takes the control cells of the REAL file for the predicted side too (deltas
 and DE). Predicted control cells are part of a submission and can be tuned to game the deltas and
@@ -46,20 +63,62 @@ and a one-line message.
 Examples:
   celltwin eval --pred pred.h5ad --real real.h5ad -o eval_out
   celltwin eval --pred pred.h5ad --real real.h5ad --profile pds --control-source real -o out
+  celltwin eval -ap pred.h5ad -ar real.h5ad --control-pert non-targeting --skip-metrics mae -o out
 """
+
+# cell-eval's profiles (celltwin.eval._registry.PROFILES; spelled out to keep --help free of imports)
+PROFILES = ["vcc", "pds", "minimal", "de", "full"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pred", required=True, help="predicted cells (.h5ad)")
-    p.add_argument("--real", required=True, help="real cells (.h5ad)")
+    from celltwin.commands._common import positive_int
+
+    p.add_argument(
+        "--pred", "-ap", "--adata-pred", dest="pred", required=True, help="predicted cells (.h5ad)"
+    )
+    p.add_argument("--real", "-ar", "--adata-real", dest="real", required=True, help="real cells (.h5ad)")
     p.add_argument("-o", "--outdir", required=True, help="output directory")
     p.add_argument(
-        "--profile", default="vcc", choices=["vcc", "pds", "full"], help="metric set (default: vcc)"
+        "--profile",
+        default="vcc",
+        choices=PROFILES,
+        help="metric set (default: vcc; minimal, de and full are cell-eval's profiles)",
+    )
+    p.add_argument(
+        "--skip-metrics",
+        default=None,
+        metavar="M1,M2",
+        help="comma-separated metrics to leave out of the profile (cell-eval's names)",
+    )
+    p.add_argument(
+        "-dr",
+        "--de-real",
+        default=None,
+        help="precomputed DE table of the real cells (.csv or .parquet, pdex columns) instead of computing it",
+    )
+    p.add_argument(
+        "-dp",
+        "--de-pred",
+        default=None,
+        help="precomputed DE table of the predicted cells (.csv or .parquet, pdex columns)",
+    )
+    p.add_argument(
+        "--num-threads",
+        type=positive_int,
+        default=None,
+        help="threads of the DE computation (default: every core)",
     )
     p.add_argument(
         "--pert-col", default="target_gene", help="obs column with the perturbation (default: target_gene)"
     )
-    p.add_argument("--control", default="non-targeting", help="control label (default: non-targeting)")
+    p.add_argument(
+        "--control-pert",
+        "--control",
+        dest="control",
+        default="non-targeting",
+        metavar="LABEL",
+        help="control label (default: non-targeting; --control is an alias)",
+    )
     p.add_argument(
         "--control-source",
         default="own",
@@ -85,8 +144,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["parquet", "csv", "none"],
         help="file format of the DE tables: parquet (default), csv (cell-eval's real_de.csv / pred_de.csv) or none",
     )
-    p.add_argument("--no-report", action="store_true", help="skip report.md and its plots")
+    p.add_argument(
+        "--celltype-col",
+        default=None,
+        metavar="COL",
+        help="evaluate each cell type of obs[COL] on its own (cell-eval's --celltype-col); files are "
+        "prefixed with the cell type: {celltype}_results.csv, {celltype}_agg_results.csv, ...",
+    )
+    p.add_argument(
+        "--embed-key",
+        default=None,
+        metavar="KEY",
+        help="discrimination_score_l2 / _cosine on the pseudobulks of obsm[KEY] (cell-eval's --embed-key)",
+    )
+    p.add_argument("--no-report", action="store_true", help="skip report.html, report.md and their plots")
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
+
+
+def _read_de(path: str, flag: str):
+    """A precomputed DE table (.parquet, else CSV read as cell-eval reads it) as a polars DataFrame."""
+    import polars as pl
+
+    from celltwin.errors import InputError
+
+    if not os.path.isfile(path):
+        msg = f"{flag} {path}: file not found"
+        raise InputError(msg)
+    try:
+        if path.lower().endswith((".parquet", ".pq")):
+            table = pl.read_parquet(path)
+        else:  # cell-eval: pl.read_csv with target / feature as strings
+            table = pl.read_csv(path, schema_overrides={"target": pl.Utf8, "feature": pl.Utf8})
+    except pl.exceptions.PolarsError as e:
+        msg = f"{flag} {path}: not a readable DE table ({type(e).__name__}; expected .csv or .parquet)"
+        raise InputError(msg) from None
+    need = {"target", "feature", "fdr"}
+    missing = sorted(need - set(table.columns))
+    if missing or not {"log2_fold_change", "fold_change"} & set(table.columns):
+        msg = (
+            f"{flag} {path}: missing DE column(s) {missing or ['log2_fold_change']} "
+            f"(expected pdex columns target, feature, log2_fold_change, fdr; got {table.columns[:8]})"
+        )
+        raise InputError(msg)
+    return table
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,8 +196,16 @@ def run(args: argparse.Namespace) -> int:
     from celltwin.eval import EvalConfig, evaluate
 
     check_outputs(
-        {"-o/--outdir": args.outdir}, {"--pred": args.pred, "--real": args.real}, dirs={"-o/--outdir"}
+        {"-o/--outdir": args.outdir},
+        {
+            "--pred": args.pred,
+            "--real": args.real,
+            "-dr/--de-real": args.de_real,
+            "-dp/--de-pred": args.de_pred,
+        },
+        dirs={"-o/--outdir"},
     )
+    skip = tuple(m.strip() for m in (args.skip_metrics or "").split(",") if m.strip())
 
     cfg = EvalConfig(
         profile=args.profile,
@@ -108,11 +216,25 @@ def run(args: argparse.Namespace) -> int:
         mode=args.mode,
         cache_dir=None if args.no_cache else Path(args.cache_dir),
         progress=not args.no_progress,
+        skip_metrics=skip,
+        num_threads=args.num_threads,
+        embed_key=args.embed_key,
     )
-    result = evaluate(args.pred, args.real, config=cfg)
-    paths = result.write(args.outdir, report=not args.no_report, de_format=args.de_format)
-    means = result.agg.set_index("statistic").loc["mean"]
-    for name, value in means.items():
-        print(f"{name}\t{value:.6f}")
-    print(f"wrote {len(paths)} files to {args.outdir}", file=sys.stderr)
+    de_real = _read_de(args.de_real, "-dr/--de-real") if args.de_real else None
+    de_pred = _read_de(args.de_pred, "-dp/--de-pred") if args.de_pred else None
+    if args.celltype_col is None:
+        results = {None: evaluate(args.pred, args.real, config=cfg, de_real=de_real, de_pred=de_pred)}
+    else:
+        from celltwin.eval import evaluate_by_celltype
+
+        results = evaluate_by_celltype(args.pred, args.real, args.celltype_col, config=cfg, de_real=de_real,
+                                       de_pred=de_pred)
+    n_files = 0
+    for ct, result in results.items():
+        paths = result.write(args.outdir, report=not args.no_report, de_format=args.de_format, prefix=ct)
+        n_files += len(paths)
+        means = result.agg.set_index("statistic").loc["mean"]
+        for name, value in means.items():
+            print(f"{name}\t{value:.6f}" if ct is None else f"{ct}\t{name}\t{value:.6f}")
+    print(f"wrote {n_files} files to {args.outdir}", file=sys.stderr)
     return 0

@@ -12,6 +12,7 @@ embed:    run an ESM-2 checkpoint from a local directory (transformers format: c
           weights, vocab.txt; nothing is downloaded) over a protein FASTA. Each isoform is
           mean-pooled over its residues (special tokens and padding excluded), then isoforms are
           averaged per gene. Output: a .safetensors table (tensor "embeddings" (G, D) + gene list).
+          Needs torch and transformers, the optional extra: pip install 'celltwin[genes]'.
 coverage: which genes of an .h5ad have a vector in a table (exact names, then HGNC aliases,
           previous symbols and Ensembl IDs with --hgnc); lists the missing ones.
 
@@ -48,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _embed(args: argparse.Namespace) -> int:
     from celltwin._io import check_outputs
-    from celltwin.genes import embed_fasta, save_gene_table
+    from celltwin.genes import save_gene_table
+    from celltwin.protein_embed import embed_fasta
 
     check_outputs({"-o/--output": args.output}, {"--fasta": args.fasta, "--model": args.model})
     with progress_callback("embedding proteins", "", not args.no_progress) as cb:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from celltwin.commands._common import add_column_arguments, columns_from_args
+from celltwin.commands._common import add_column_arguments, column_overrides
 
 HELP = "predict perturbed cells from a trained run (ready for `celltwin eval`)"
 DESCRIPTION = """\
@@ -18,6 +18,12 @@ pert_counts_Validation.csv) or the real cells of the test split. Control cells a
 without replacement when there are enough, with replacement otherwise. Without --split,
 --counts alone names what to predict (the VCC workflow: train on every cell with a split that
 holds out nothing, then predict the challenge's list for --context).
+
+Obs written: the data's own perturbation column and control label (e.g. gene / 'control' for a
+split made with --pert-col gene --control-pert control) and its context column (named 'context'
+when the data has none), so evaluate with the same names: `celltwin eval --pert-col gene
+--control-pert control` (the defaults target_gene / non-targeting need nothing). Column names not
+given here come from the split's [columns] table, then the run's; a flag wins.
 
 Genes written: the run's output space (`celltwin train --output-space`): every gene (gene/all),
 the HVGs (--hvg with output space gene) or the embedding dimensions (output space embedding).
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     res = predict_from_files(args.run_dir, args.data, args.output, split=args.split, counts=args.counts,
                               controls=args.controls, perturbations=perts, context=args.context,
                               repeat_mean=args.repeat_mean, write_real=args.write_real, seed=args.seed,
-                              columns=columns_from_args(args), sample_counts=args.sample_counts,
+                              columns=column_overrides(args), sample_counts=args.sample_counts,
                               nb_theta=args.nb_theta)
     srcs = res.sources
     fb = sorted(p for p, s in srcs.items() if not s.startswith("model"))

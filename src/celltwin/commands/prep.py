@@ -38,7 +38,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "-p", "--pert-col", default="target_gene", help="perturbation column (default: %(default)s)"
     )
     p.add_argument("-c", "--celltype-col", default=None, help="cell type column to keep (optional)")
-    p.add_argument("-n", "--ntc-name", default="non-targeting", help="control label (default: %(default)s)")
+    p.add_argument(
+        "--control-pert",
+        "-n",
+        "--ntc-name",
+        dest="ntc_name",
+        default="non-targeting",
+        metavar="LABEL",
+        help="control label (default: %(default)s; -n/--ntc-name, cell-eval prep's spelling, is an alias)",
+    )
     p.add_argument(
         "-P",
         "--output-pert-col",
@@ -79,7 +87,7 @@ def _default_output(path: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from celltwin._io import check_outputs
-    from celltwin.vcc import prep_vcc
+    from celltwin.eval import prep_vcc
 
     out = args.output or _default_output(args.input)
     check_outputs({"-o/--output": out}, {"-i/--input": args.input, "-g/--genes": args.genes})

@@ -21,7 +21,7 @@ Typical use::
 from __future__ import annotations
 
 from celltwin.data.columns import ObsColumns, column_values, parse_perturbation, require_columns
-from celltwin.data.gene_ids import GeneMapping, GeneTable, map_genes
+from celltwin.data.gene_ids import GeneMapping, HgncTable, map_genes
 from celltwin.data.hvg import highly_variable_genes, select_hvg
 from celltwin.data.knockdown import KnockdownResult, knockdown_filter
 from celltwin.data.matching import MATCH_STRATEGIES, CellLabels, ControlMatcher, match_controls
@@ -37,51 +37,52 @@ from celltwin.data.preprocess import (
 )
 from celltwin.data.sampler import CellSet, CellSetSampler, SetSamplerConfig
 from celltwin.data.source import H5adSource, MemorySource, Source, iter_row_chunks, open_source
-from celltwin.data.split import Split, SplitIndices, make_split, read_split, resolve_split
+from celltwin.data.split import Split, SplitIndices, read_split, resolve_split
+from celltwin.data.split_draw import make_split
 from celltwin.data.vocab import Vocab, Vocabularies
 
 __all__ = [
-    # sources
-    "Source",
-    "H5adSource",
-    "MemorySource",
-    "open_source",
-    "iter_row_chunks",
-    # columns and labels
-    "ObsColumns",
-    "parse_perturbation",
-    "require_columns",
-    "column_values",
-    "CellLabels",
-    # preprocessing
-    "Preprocessing",
-    "fit_preprocessing",
-    "library_sizes",
-    "median_library_size",
-    "looks_like_counts",
-    "normalize_log1p",
-    "read_genes_txt",
-    "write_genes_txt",
-    "highly_variable_genes",
-    "select_hvg",
-    "GeneTable",
-    "GeneMapping",
-    "map_genes",
-    "knockdown_filter",
-    "KnockdownResult",
     # matching and sampling
     "MATCH_STRATEGIES",
-    "ControlMatcher",
-    "match_controls",
+    "CellLabels",
     "CellSet",
     "CellSetSampler",
+    "ControlMatcher",
+    "GeneMapping",
+    "H5adSource",
+    "HgncTable",
+    "KnockdownResult",
+    "MemorySource",
+    # columns and labels
+    "ObsColumns",
+    # preprocessing
+    "Preprocessing",
     "SetSamplerConfig",
-    "Vocab",
-    "Vocabularies",
+    # sources
+    "Source",
     # splits
     "Split",
     "SplitIndices",
-    "read_split",
-    "resolve_split",
+    "Vocab",
+    "Vocabularies",
+    "column_values",
+    "fit_preprocessing",
+    "highly_variable_genes",
+    "iter_row_chunks",
+    "knockdown_filter",
+    "library_sizes",
+    "looks_like_counts",
     "make_split",
+    "map_genes",
+    "match_controls",
+    "median_library_size",
+    "normalize_log1p",
+    "open_source",
+    "parse_perturbation",
+    "read_genes_txt",
+    "read_split",
+    "require_columns",
+    "resolve_split",
+    "select_hvg",
+    "write_genes_txt",
 ]

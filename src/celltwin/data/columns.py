@@ -3,11 +3,17 @@
 Users name their columns (perturbation, control label, context, batch); the defaults come from
 :mod:`celltwin._constants`. :func:`require_columns` turns a missing column into an
 :class:`~celltwin.errors.InputError` that names the file, the column and the columns present.
+
+Where the names come from (``celltwin train`` / ``predict`` / ``score``), field by field, first
+found wins (:func:`merge_columns`): the command line flags, the split TOML's ``[columns]`` table
+(written by ``celltwin split``), the run's ``run.json`` (predict), then the defaults
+``target_gene`` / ``non-targeting`` / ``context`` / ``batch``. The default context and batch
+columns are optional: absent from a file, the file is one context (one batch) named ``"all"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +22,18 @@ import pandas as pd
 from celltwin._constants import BATCH_COL, COMBO_SEP, CONTEXT_COL, CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
 
-__all__ = ["ObsColumns", "parse_perturbation", "require_columns", "column_values"]
+__all__ = [
+    "COLUMN_FIELDS",
+    "ObsColumns",
+    "column_values",
+    "merge_columns",
+    "parse_perturbation",
+    "require_columns",
+    "resolve_columns",
+]
+
+#: the fields of :class:`ObsColumns`, in order (also the keys of a split TOML's ``[columns]`` table)
+COLUMN_FIELDS = ("pert_col", "control_label", "context_col", "batch_col")
 
 # Label used for the single context / batch of a dataset that has no such column.
 DEFAULT_LEVEL = "all"
@@ -132,4 +149,49 @@ class ObsColumns:
 
     @classmethod
     def from_dict(cls, d: dict) -> ObsColumns:
-        return cls(**{k: d[k] for k in ("pert_col", "control_label", "context_col", "batch_col") if k in d})
+        return cls(**{k: d[k] for k in COLUMN_FIELDS if k in d})
+
+
+def merge_columns(*layers: ObsColumns | Mapping[str, str | None] | None) -> ObsColumns | None:
+    """Column names from ``layers``, highest priority first, field by field.
+
+    A layer is ``None`` (skipped), a mapping of some :data:`COLUMN_FIELDS` (only the keys present
+    count; a ``None`` value for ``context_col`` / ``batch_col`` means "no such column") or a
+    complete :class:`ObsColumns` (every field set: lower layers are not looked at). Fields no layer
+    sets take the :class:`ObsColumns` defaults. Returns ``None`` when no layer sets anything (the
+    caller's own default then applies).
+    """
+    got: dict[str, str | None] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        d = layer.to_dict() if isinstance(layer, ObsColumns) else dict(layer)
+        unknown = sorted(set(d) - set(COLUMN_FIELDS))
+        if unknown:
+            msg = f"column names: unknown field(s) {', '.join(unknown)}; expected {', '.join(COLUMN_FIELDS)}"
+            raise ConfigError(msg)
+        for k in COLUMN_FIELDS:
+            if k in d and k not in got:
+                got[k] = d[k]
+        if isinstance(layer, ObsColumns):
+            break
+    return ObsColumns(**got) if got else None
+
+
+def resolve_columns(obs: pd.DataFrame, columns: ObsColumns | None, where: str, *,
+                    require_controls: bool = True) -> ObsColumns:
+    """``columns`` (default ``ObsColumns()``) checked against one file's ``obs``.
+
+    A context / batch column named explicitly (not the default) must exist; an absent default one
+    is dropped (:meth:`ObsColumns.present`); the perturbation column must exist, and with
+    ``require_controls`` some cell must carry the control label (:meth:`ObsColumns.check`).
+    """
+    cols = columns or ObsColumns()
+    explicit = [c for c, d in ((cols.context_col, CONTEXT_COL), (cols.batch_col, BATCH_COL)) if c not in (None, d)]
+    require_columns(obs, explicit, where)
+    cols = cols.present(obs)
+    if require_controls:
+        cols.check(obs, where)
+    else:
+        require_columns(obs, [cols.pert_col], where)
+    return cols

@@ -38,11 +38,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from celltwin._constants import BATCH_COL, CONTEXT_COL, CONTROL_LABEL, PERT_COL
-from celltwin.data.columns import ObsColumns, require_columns
+from celltwin.data.columns import ObsColumns, resolve_columns
 from celltwin.data.source import H5adSource, Matrix, MemorySource
 from celltwin.errors import InputError
 
-__all__ = ["CellDataset", "DatasetFiles", "expand_location", "check_values", "DATASET_COL", "FILE_COL"]
+__all__ = ["DATASET_COL", "FILE_COL", "CellDataset", "DatasetFiles", "check_values", "expand_location"]
 
 DATASET_COL = "dataset"
 FILE_COL = "_file"
@@ -149,11 +149,7 @@ class CellDataset:
                           for ci, s in zip(self._col_idx, self.sources, strict=True)]
         frames, col_used = [], None
         for k, (s, ds) in enumerate(zip(self.sources, self.dataset_names, strict=True)):
-            c = cols_in
-            explicit = [x for x, d in ((c.context_col, CONTEXT_COL), (c.batch_col, BATCH_COL)) if x not in (None, d)]
-            require_columns(s.obs, explicit, s.name)
-            c = c.present(s.obs)
-            require_columns(s.obs, [c.pert_col], s.name)
+            c = resolve_columns(s.obs, cols_in, s.name, require_controls=False)  # controls: checked over all files
             pert = c.perturbations(s.obs)
             pert = np.where(pert == c.control_label, CONTROL_LABEL, pert)
             batch = c.batches(s.obs)
@@ -333,14 +329,6 @@ class CellDataset:
                 out[start + pos] = (np.asarray(block.sum(axis=1, dtype=np.float64)).ravel() if sp.issparse(block)
                                     else np.asarray(block, np.float64).sum(1))
         return out
-
-    def iter_model_blocks(self, rows: np.ndarray, pre, chunk_size: int = 2048,
-                          dense: bool = False) -> Iterator[tuple[np.ndarray, Matrix]]:
-        """``(rows, model-space block)`` over ``rows`` in order, ``chunk_size`` rows at a time."""
-        rows = np.asarray(rows, dtype=np.int64)
-        for start in range(0, rows.size, chunk_size):
-            r = rows[start:start + chunk_size]
-            yield r, self.read_model(r, pre, dense=dense)
 
     def labels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(perturbation, context, batch)`` string arrays of every cell."""

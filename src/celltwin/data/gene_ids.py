@@ -30,7 +30,7 @@ import pandas as pd
 
 from celltwin.errors import InputError
 
-__all__ = ["GeneTable", "GeneMapping", "map_genes", "HGNC_COLUMNS"]
+__all__ = ["HGNC_COLUMNS", "GeneMapping", "HgncTable", "map_genes"]
 
 HGNC_COLUMNS = {
     "symbol": "Approved symbol",
@@ -47,7 +47,7 @@ def _split(v) -> list[str]:
 
 
 @dataclass
-class GeneTable:
+class HgncTable:
     """Lookup tables built from an HGNC export."""
 
     symbols: list[str]
@@ -60,7 +60,7 @@ class GeneTable:
     path: str = "<table>"
 
     @classmethod
-    def from_frame(cls, df: pd.DataFrame, path: str = "<table>") -> GeneTable:
+    def from_frame(cls, df: pd.DataFrame, path: str = "<table>") -> HgncTable:
         missing = [c for c in HGNC_COLUMNS.values() if c not in df.columns]
         if missing:
             msg = (
@@ -90,7 +90,7 @@ class GeneTable:
         return cls(sym, ens, by_symbol, dict(by_ci), dict(by_ens), dict(by_prev), dict(by_alias), path)
 
     @classmethod
-    def from_tsv(cls, path: str | os.PathLike[str]) -> GeneTable:
+    def from_tsv(cls, path: str | os.PathLike[str]) -> HgncTable:
         """Read an HGNC tab-separated export."""
         p = Path(path)
         if not p.exists():
@@ -173,7 +173,7 @@ class GeneMapping:
 
 
 def map_genes(
-    names: Iterable[str], table: GeneTable | str | os.PathLike[str], to: str = "symbol"
+    names: Iterable[str], table: HgncTable | str | os.PathLike[str], to: str = "symbol"
 ) -> GeneMapping:
     """Map gene names / Ensembl IDs to current HGNC symbols (``to="symbol"``) or Ensembl IDs.
 
@@ -182,7 +182,7 @@ def map_genes(
     if to not in ("symbol", "ensembl"):
         msg = f"map_genes: 'to' must be 'symbol' or 'ensembl', got {to!r}"
         raise InputError(msg)
-    tab = table if isinstance(table, GeneTable) else GeneTable.from_tsv(table)
+    tab = table if isinstance(table, HgncTable) else HgncTable.from_tsv(table)
     recs = []
     for name in names:
         rule, hits = tab.lookup(name)

@@ -57,6 +57,20 @@ def _clipped_sums(block, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return c.sum(axis=0), (c * c).sum(axis=0)
 
 
+def _batch_sums(src, rows, codes: np.ndarray, shape: tuple[int, int], chunk_size: int, sums):
+    """Per-batch ``(B, G)`` totals of ``sums(block of batch b, b) -> (a1, a2)`` over the rows, block by block."""
+    t1, t2 = np.zeros(shape), np.zeros(shape)
+    pos = 0
+    for r, block in iter_row_chunks(src, rows, chunk_size):
+        c = codes[pos : pos + r.size]
+        pos += r.size
+        for b in np.unique(c):
+            a1, a2 = sums(block[c == b], b)
+            t1[b] += a1
+            t2[b] += a2
+    return t1, t2
+
+
 def highly_variable_genes(
     data,
     n_top_genes: int,
@@ -90,7 +104,7 @@ def highly_variable_genes(
 
     src: H5adSource | MemorySource = open_source(data)
     G = src.n_vars
-    if not 0 < int(n_top_genes):
+    if not int(n_top_genes) > 0:
         msg = f"n_top_genes: expected a positive integer, got {n_top_genes}"
         raise ConfigError(msg)
     rows = np.arange(src.n_obs) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -106,16 +120,7 @@ def highly_variable_genes(
     # integer below 2**53, so the sums (hence means and variances) are exact and do not depend on
     # the chunking; the variance is E[x^2] - E[x]^2 times n / (n - 1), scanpy's dense formula.
     n_b = np.bincount(codes, minlength=B).astype(np.int64)
-    s1 = np.zeros((B, G))
-    s2 = np.zeros((B, G))
-    pos = 0
-    for r, block in iter_row_chunks(src, rows, chunk_size):
-        c = codes[pos : pos + r.size]
-        pos += r.size
-        for b in np.unique(c):
-            a1, a2 = _col_sums(block[c == b])
-            s1[b] += a1
-            s2[b] += a2
+    s1, s2 = _batch_sums(src, rows, codes, (B, G), chunk_size, lambda x, b: _col_sums(x))
     n_all = int(n_b.sum())
     if n_all < 2:
         msg = f"{src.name}: highly variable genes need at least 2 cells, got {n_all}"
@@ -154,16 +159,7 @@ def highly_variable_genes(
 
     # pass 2: sums of clipped values and of their squares, then
     # sum((clip(x) - mean)^2) = n mean^2 + sum(clip^2) - 2 mean sum(clip)   (scanpy's expression)
-    c1 = np.zeros((B, G))
-    c2 = np.zeros((B, G))
-    pos = 0
-    for r, block in iter_row_chunks(src, rows, chunk_size):
-        c = codes[pos : pos + r.size]
-        pos += r.size
-        for b in np.unique(c):
-            a1, a2 = _clipped_sums(block[c == b], clip[b])
-            c1[b] += a1
-            c2[b] += a2
+    c1, c2 = _batch_sums(src, rows, codes, (B, G), chunk_size, lambda x, b: _clipped_sums(x, clip[b]))
     nn = n_b[:, None].astype(np.float64)
     norm_var = (1 / ((nn - 1) * np.square(reg_std))) * (
         nn * np.square(mean_b) + c2 - 2 * c1 * mean_b

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ import numpy as np
 from celltwin._io import atomic_path
 from celltwin.errors import ConfigError, InputError
 
-__all__ = ["InputConfig", "FittedInputs", "fit_inputs", "load_inputs", "file_fingerprint", "OUTPUT_SPACES"]
+__all__ = ["OUTPUT_SPACES", "FittedInputs", "InputConfig", "file_fingerprint", "fit_inputs", "load_inputs"]
 
 OUTPUT_SPACES = ("gene", "all", "embedding")
 _INPUT_GENES = "input_genes.txt"
@@ -200,7 +200,3 @@ def fit_inputs(data, rows: np.ndarray, config: InputConfig, model: str = "") -> 
                     "input_genes": None if input_genes is None else hashlib.blake2b(
                         "\n".join(input_genes).encode(), digest_size=16).hexdigest()}}
     return FittedInputs(pre, input_genes, config.embed_key, output, embed_dim, fp)
-
-
-def inputs_dict(config: InputConfig) -> dict[str, Any]:
-    return asdict(config)

@@ -24,7 +24,7 @@ import pandas as pd
 from celltwin.data.columns import ObsColumns, require_columns
 from celltwin.errors import ConfigError, InputError
 
-__all__ = ["CellLabels", "ControlMatcher", "match_controls", "MATCH_STRATEGIES"]
+__all__ = ["MATCH_STRATEGIES", "CellLabels", "ControlMatcher", "match_controls"]
 
 MATCH_STRATEGIES = ("random", "batch")
 

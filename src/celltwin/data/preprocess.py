@@ -24,19 +24,19 @@ import numpy as np
 import scipy.sparse as sp
 
 from celltwin._io import atomic_path
-from celltwin.data.source import H5adSource, Matrix, MemorySource, iter_row_chunks, open_source
+from celltwin.data.source import Matrix, iter_row_chunks, open_source
 from celltwin.errors import ConfigError, InputError
 
 __all__ = [
-    "library_sizes",
-    "median_library_size",
-    "looks_like_counts",
-    "normalize_log1p",
     "Preprocessing",
     "fit_preprocessing",
+    "library_sizes",
+    "looks_like_counts",
+    "median_library_size",
+    "normalize_log1p",
     "read_genes_txt",
-    "write_genes_txt",
     "sample_counts",
+    "write_genes_txt",
 ]
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from celltwin.data.matching import MATCH_STRATEGIES, CellLabels, ControlMatcher
 from celltwin.errors import ConfigError, InputError
 
-__all__ = ["CellSet", "SetSamplerConfig", "CellSetSampler"]
+__all__ = ["CellSet", "CellSetSampler", "SetSamplerConfig"]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ worker, DDP rank) opens its own read-only handle on first use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +25,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from celltwin.data._h5rows import mapped_or_dataset, read_csr_rows, read_csr_rows_into
 from celltwin.errors import InputError
 
-__all__ = ["Source", "H5adSource", "MemorySource", "open_source", "iter_row_chunks"]
+__all__ = ["H5adSource", "MemorySource", "Source", "iter_row_chunks", "open_source"]
 
 Matrix = np.ndarray | sp.csr_matrix
 
@@ -65,134 +67,6 @@ def _as_index(idx: Any, n: int, where: str) -> np.ndarray:
         msg = f"{where}: row index out of range [0, {n}): min {idx.min()}, max {idx.max()}"
         raise InputError(msg)
     return np.where(idx < 0, idx + n, idx)
-
-
-def _read_csr_rows(data, indices, indptr: np.ndarray, n_cols: int, rows: np.ndarray) -> sp.csr_matrix:
-    """Sorted unique ``rows`` of an on-disk CSR matrix; one slice read per run of consecutive rows."""
-    starts, ends = indptr[rows], indptr[rows + 1]
-    brk = np.flatnonzero(np.diff(rows) != 1) + 1
-    run_a = np.concatenate([[0], brk]).astype(np.int64)
-    run_b = np.concatenate([brk, [rows.size]]).astype(np.int64)
-    d_parts, i_parts = [], []
-    for a, b in zip(run_a, run_b, strict=True):
-        if a == b:
-            continue
-        s, e = int(starts[a]), int(ends[b - 1])
-        d_parts.append(data[s:e])
-        i_parts.append(indices[s:e])
-    new_ptr = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
-    dat = np.concatenate(d_parts) if d_parts else np.zeros(0, dtype=data.dtype)
-    ind = np.concatenate(i_parts) if i_parts else np.zeros(0, dtype=np.int64)
-    return sp.csr_matrix((dat, ind, new_ptr), shape=(rows.size, n_cols))
-
-
-class _NotMappable(Exception):
-    pass
-
-
-class DirectArray:
-    """A read-only 1-D view of an *uncompressed* HDF5 dataset, sliced with ``os.pread``.
-
-    Why: a cell set is ~1,000 random rows, i.e. ~2,000 small slices of ``data`` / ``indices``;
-    each h5py slice costs ~50-100 us of selection overhead (0.2 s per ST step at 18,080 genes),
-    a ``pread`` of the same bytes a few microseconds. HDF5 stores an uncompressed dataset either
-    contiguously (one byte offset) or in equal chunks whose byte offsets it reports
-    (``chunk_iter``); the bytes are the array's own (its dtype, byte order included), so a slice
-    is read directly. No memory map: mapped file pages would count in the process's resident
-    memory as a long run touches the file. Datasets with filters (compression, shuffle,
-    checksums), unallocated chunks or compact layout are not read this way:
-    :func:`_mapped_or_dataset` keeps the h5py dataset. Only ``arr[a:b]`` slices are supported
-    (what the CSR row reader uses). The file descriptor is opened per process.
-    """
-
-    def __init__(self, path: Path, dset) -> None:
-        import h5py
-
-        self._fd, self._pid = -1, -1
-        if dset.ndim != 1:
-            raise _NotMappable
-        plist = dset.id.get_create_plist()
-        if plist.get_nfilters() > 0:
-            raise _NotMappable
-        self.path = str(path)
-        self.dtype = dset.dtype
-        self.n = int(dset.shape[0])
-        self.itemsize = self.dtype.itemsize
-        layout = plist.get_layout()
-        self.chunk, self.base = 0, 0
-        if self.n == 0:
-            return
-        if layout == h5py.h5d.CONTIGUOUS:
-            off = dset.id.get_offset()
-            if off is None:
-                raise _NotMappable
-            self.base = int(off)
-        elif layout == h5py.h5d.CHUNKED:
-            L = int(dset.chunks[0])
-            offsets = np.full(-(-self.n // L), -1, dtype=np.int64)
-            full = L * self.itemsize
-
-            def visit(info) -> None:
-                if info.filter_mask != 0 or info.size != full:
-                    raise _NotMappable
-                offsets[int(info.chunk_offset[0]) // L] = int(info.byte_offset)
-
-            if not hasattr(dset.id, "chunk_iter"):
-                raise _NotMappable
-            dset.id.chunk_iter(visit)
-            if (offsets < 0).any():
-                raise _NotMappable
-            self.chunk, self.offsets = L, offsets
-        else:
-            raise _NotMappable
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_fd": -1, "_pid": -1}
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0 and self._pid == os.getpid():
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-
-    def _read(self, offset: int, count: int) -> np.ndarray:
-        if self._fd < 0 or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        nbytes = count * self.itemsize
-        buf = os.pread(self._fd, nbytes, offset)
-        if len(buf) != nbytes:
-            raise OSError(f"short read ({len(buf)} of {nbytes} bytes at offset {offset})")
-        return np.frombuffer(buf, dtype=self.dtype)
-
-    @property
-    def shape(self) -> tuple[int]:
-        return (self.n,)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, sl: slice) -> np.ndarray:
-        a, b, _ = sl.indices(self.n)
-        if b <= a:
-            return np.zeros(0, dtype=self.dtype)
-        if not self.chunk:
-            return self._read(self.base + a * self.itemsize, b - a)
-        L, pieces = self.chunk, []
-        while a < b:
-            c = a // L
-            lo, hi = a - c * L, min(b - c * L, L)
-            pieces.append(self._read(int(self.offsets[c]) + lo * self.itemsize, hi - lo))
-            a = c * L + hi
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-
-def _mapped_or_dataset(path: Path, dset):
-    """A :class:`DirectArray` of ``dset`` when it is stored uncompressed, else ``dset`` itself."""
-    try:
-        return DirectArray(path, dset)
-    except (_NotMappable, OSError, ValueError, TypeError, AttributeError, RuntimeError):
-        return dset
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
@@ -338,8 +212,8 @@ class H5adSource:
                     # through a memory map when stored uncompressed (else through h5py)
                     r = (
                         "csr",
-                        _mapped_or_dataset(self.path, elem["data"]),
-                        _mapped_or_dataset(self.path, elem["indices"]),
+                        mapped_or_dataset(self.path, elem["data"]),
+                        mapped_or_dataset(self.path, elem["indices"]),
                         elem["indptr"][:].astype(np.int64),
                         int(elem.attrs["shape"][1]),
                     )
@@ -349,6 +223,17 @@ class H5adSource:
         del f
         return r
 
+    @contextlib.contextmanager
+    def _read_errors(self, what: str = "X") -> Iterator[None]:
+        """A failed read of rows of ``what`` (h5py / OS errors) becomes one :class:`InputError` line."""
+        try:
+            yield
+        except InputError:
+            raise
+        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
+            msg = f"{self.path}: cannot read rows of {what} ({type(e).__name__}: {_one_line(e)}); the file may be corrupted"
+            raise InputError(msg) from None
+
     def read_rows(self, idx: np.ndarray, obsm_key: str | None = None) -> Matrix:
         """Rows ``idx`` of X (or of ``obsm[obsm_key]``) as float32: CSR for sparse storage, else ndarray.
 
@@ -357,14 +242,8 @@ class H5adSource:
         """
         idx = _as_index(idx, self.n_obs, self.name)
         uniq, inverse = np.unique(idx, return_inverse=True)
-        try:
+        with self._read_errors("X" if obsm_key is None else f"obsm[{obsm_key!r}]"):
             block = self._read_unique(uniq, obsm_key)
-        except InputError:
-            raise
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
-            what = "X" if obsm_key is None else f"obsm[{obsm_key!r}]"
-            msg = f"{self.path}: cannot read rows of {what} ({type(e).__name__}: {_one_line(e)}); the file may be corrupted"
-            raise InputError(msg) from None
         if idx.size == uniq.size and np.array_equal(idx, uniq):  # already sorted and unique
             return block
         return block[inverse]
@@ -376,17 +255,60 @@ class H5adSource:
         """
         if self._format != "csr":
             return None
-        try:
-            r = self._reader(None)
-            if r[0] != "csr":
-                return None
-            m = _read_csr_rows(*r[1:], np.asarray(uniq, dtype=np.int64))
-        except InputError:
-            raise
-        except (OSError, KeyError, RuntimeError, ValueError, TypeError) as e:
-            msg = f"{self.path}: cannot read rows of X ({type(e).__name__}: {_one_line(e)}); the file may be corrupted"
-            raise InputError(msg) from None
+        m = self.read_stored(uniq)
         return m.data, m.indices, m.indptr
+
+    def read_stored(self, uniq: np.ndarray) -> Matrix:
+        """Sorted unique rows of X in the stored dtype: CSR (stored entry order kept) or ndarray.
+
+        No conversion at all (the evaluator normalises in the file's own dtype); a CSC X is read
+        through anndata's sparse dataset and returned as CSR.
+        """
+        uniq = np.asarray(uniq, dtype=np.int64)
+        with self._read_errors():
+            r = self._reader(None)
+            if r[0] == "csr":
+                return read_csr_rows(*r[1:], uniq)
+            if r[0] == "dense":
+                elem = r[1]
+                if uniq.size and uniq.size == uniq[-1] - uniq[0] + 1:
+                    return np.asarray(elem[int(uniq[0]) : int(uniq[-1]) + 1])
+                return np.asarray(elem[uniq]) if uniq.size else np.empty((0, *elem.shape[1:]), elem.dtype)
+            return sp.csr_matrix(r[1][uniq])
+
+    def read_csr_into(self, uniq: np.ndarray, data_out: np.ndarray, ind_out: np.ndarray) -> np.ndarray | None:
+        """Sorted unique rows of a CSR X read straight into ``data_out`` / ``ind_out`` (values cast to
+        their dtypes when they differ from the stored ones); returns the local indptr, or ``None``
+        when X is not CSR."""
+        if self._format != "csr":
+            return None
+        with self._read_errors():
+            _, data, indices, indptr, _ = self._reader(None)  # a CSR X has a CSR reader
+            return read_csr_rows_into(data, indices, indptr, np.asarray(uniq, dtype=np.int64), data_out, ind_out)
+
+    def read_obsm_stored(self, uniq: np.ndarray, key: str) -> np.ndarray:
+        """Sorted unique rows of ``obsm[key]`` as a dense array in the stored dtype."""
+        r = self._reader(key)  # InputError naming the available keys when missing
+        uniq = np.asarray(uniq, dtype=np.int64)
+        with self._read_errors(f"obsm[{key!r}]"):
+            if r[0] == "dense":
+                return np.asarray(r[1][uniq]) if uniq.size else np.empty((0, *r[1].shape[1:]), r[1].dtype)
+            if r[0] == "csr":
+                return read_csr_rows(*r[1:], uniq).toarray()
+            return np.asarray(sp.csr_matrix(r[1][uniq]).toarray())
+
+    def row_nnz(self) -> np.ndarray | None:
+        """Stored entries per row of a CSR X (from indptr, no data read); ``None`` otherwise."""
+        if self._format != "csr":
+            return None
+        return np.diff(self._reader(None)[3])
+
+    def stored_dtype(self) -> np.dtype:
+        """dtype of X's values as stored in the file."""
+        elem = self._elem(None)
+        import h5py
+
+        return elem.dtype if isinstance(elem, h5py.Dataset) else elem["data"].dtype
 
     def _read_unique(self, uniq: np.ndarray, obsm_key: str | None) -> Matrix:
         r = self._reader(obsm_key)
@@ -399,7 +321,7 @@ class H5adSource:
             else:
                 block = elem[uniq]
         elif r[0] == "csr":
-            block = _read_csr_rows(*r[1:], uniq)
+            block = read_csr_rows(*r[1:], uniq)
         else:
             block = r[1][uniq]
         return _to_float32(block)
@@ -451,6 +373,47 @@ class MemorySource:
         if sp.issparse(src):
             return _to_float32(sp.csr_matrix(src)[idx] if src.format != "csr" else src[idx])
         return np.asarray(np.asarray(src)[idx], dtype=np.float32)
+
+    def _stored(self):
+        x = self.adata.X
+        if sp.issparse(x) and x.format != "csr":
+            if getattr(self, "_csr", None) is None:
+                self._csr = sp.csr_matrix(x)  # once: row reads of CSC/COO need a CSR copy
+            return self._csr
+        return x
+
+    def read_stored(self, uniq: np.ndarray) -> Matrix:
+        """Rows ``uniq`` of X in its own dtype (a copy: CSR for sparse X, else ndarray)."""
+        x = self._stored()
+        uniq = np.asarray(uniq, dtype=np.int64)
+        if sp.issparse(x):
+            return sp.csr_matrix(x[uniq])
+        return np.array(np.asarray(x)[uniq])
+
+    def read_csr_into(self, uniq: np.ndarray, data_out: np.ndarray, ind_out: np.ndarray) -> np.ndarray | None:
+        x = self._stored()
+        if not sp.issparse(x):
+            return None
+        return read_csr_rows_into(x.data, x.indices, x.indptr.astype(np.int64, copy=False),
+                                   np.asarray(uniq, dtype=np.int64), data_out, ind_out)
+
+    def read_obsm_stored(self, uniq: np.ndarray, key: str) -> np.ndarray:
+        if key not in self.adata.obsm:
+            avail = ", ".join(self.obsm_keys()) or "(none)"
+            msg = f"{self.name}: obsm key {key!r} not found; available: {avail}"
+            raise InputError(msg)
+        m = self.adata.obsm[key]
+        m = m.to_numpy() if hasattr(m, "to_numpy") else m
+        uniq = np.asarray(uniq, dtype=np.int64)
+        return sp.csr_matrix(m[uniq]).toarray() if sp.issparse(m) else np.array(np.asarray(m)[uniq])
+
+    def row_nnz(self) -> np.ndarray | None:
+        x = self._stored()
+        return np.diff(x.indptr) if sp.issparse(x) else None
+
+    def stored_dtype(self) -> np.dtype:
+        x = self.adata.X
+        return x.dtype if sp.issparse(x) else np.asarray(x[:0]).dtype
 
     def close(self) -> None:
         return None

@@ -1,5 +1,7 @@
 """Train / val / test splits in the TOML format used by cell-load / STATE, and their resolution.
 
+Drawing a new split around a target context (``celltwin split``) is :mod:`celltwin.data.split_draw`.
+
 File format (as publicly documented for STATE's ``state tx train``)::
 
     [datasets]                # dataset name -> data location (celltwin: an .h5ad file; a relative
@@ -16,9 +18,16 @@ File format (as publicly documented for STATE's ``state tx train``)::
     val = ["GENE1"]
     test = ["GENE2", "GENE3"]
 
+    [columns]                 # celltwin only, optional: the data's obs columns and control label
+    pert_col = "gene"         # (keys pert_col, control_label, context_col, batch_col; written by
+    control_label = "control" # `celltwin split`, read by train / predict / score when the command
+    context_col = "day"       # line does not name them; a flag wins over the table)
+
 A key ``"dataset.context"`` is split at the first dot: dataset names cannot contain dots, context
 names can. Differences from cell-load: a ``[datasets]`` value names one ``.h5ad`` file (not a
-folder of files); celltwin accepts only ``"train"`` as a ``[training]`` value.
+folder of files); celltwin accepts only ``"train"`` as a ``[training]`` value. ``[columns]`` is
+celltwin's: a split without it (every cell-load / STATE TOML) uses the default column names; with
+several datasets it applies to each of them.
 
 Resolution (:func:`resolve_split`) assigns each cell of one dataset:
 
@@ -45,10 +54,10 @@ import numpy as np
 import pandas as pd
 
 from celltwin._io import atomic_path
-from celltwin.data.columns import ObsColumns, require_columns
+from celltwin.data.columns import COLUMN_FIELDS, ObsColumns, require_columns
 from celltwin.errors import ConfigError, InputError
 
-__all__ = ["Split", "SplitIndices", "read_split", "resolve_split", "make_split", "split_key"]
+__all__ = ["Split", "SplitIndices", "read_split", "resolve_split", "split_key"]
 
 _ROLES = ("val", "test")
 
@@ -80,9 +89,24 @@ class Split:
     fewshot: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     path: Path | None = None
     comment: str = ""
+    #: the ``[columns]`` table: obs column names / control label recorded by ``celltwin split``
+    #: (keys of :data:`~celltwin.data.columns.COLUMN_FIELDS`; absent keys: the defaults)
+    columns: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = str(self.path) if self.path else "split"
+        if not isinstance(self.columns, dict):
+            msg = f"{where}: [columns] must be a table of names, got {type(self.columns).__name__}"
+            raise ConfigError(msg)
+        unknown = sorted(set(self.columns) - set(COLUMN_FIELDS))
+        if unknown:
+            msg = f"{where}: [columns] unknown key(s) {', '.join(unknown)}; expected {', '.join(COLUMN_FIELDS)}"
+            raise ConfigError(msg)
+        bad = [k for k, v in self.columns.items() if not isinstance(v, str) or not v]
+        if bad:
+            msg = f"{where}: [columns] values must be non-empty strings; not for {', '.join(bad)}"
+            raise ConfigError(msg)
+        self.columns = {k: self.columns[k] for k in COLUMN_FIELDS if k in self.columns}
         for name in self.datasets:
             if "." in name or not name:
                 msg = f"{where}: [datasets] name {name!r} must be non-empty and contain no '.'"
@@ -140,6 +164,9 @@ class Split:
             lines += [f"# {ln}" for ln in self.comment.splitlines()] + [""]
         lines.append("[datasets]")
         lines += [f"{q(k)} = {q(v)}" for k, v in self.datasets.items()]
+        if self.columns:
+            lines += ["", "[columns]  # the data's obs columns (celltwin; command-line flags win)"]
+            lines += [f"{k} = {q(v)}" for k, v in self.columns.items()]
         lines += ["", "[training]"]
         lines += [f"{q(k)} = {q(v)}" for k, v in self.training.items()]
         lines += ["", "[zeroshot]"]
@@ -150,6 +177,10 @@ class Split:
             for role in _ROLES:
                 lines.append(f"{role} = [{', '.join(q(x) for x in entry.get(role, []))}]")
         return "\n".join(lines) + "\n"
+
+    def obs_columns(self) -> ObsColumns | None:
+        """The ``[columns]`` table as :class:`ObsColumns` (defaults for absent keys); None without one."""
+        return ObsColumns.from_dict(self.columns) if self.columns else None
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write the TOML file atomically."""
@@ -189,18 +220,19 @@ def read_split(path: str | os.PathLike[str]) -> Split:
     except (ValueError, RecursionError) as e:  # e.g. deeply nested arrays
         msg = f"{p}: invalid TOML ({type(e).__name__}: {e})"
         raise ConfigError(msg) from None
-    unknown = sorted(set(doc) - {"datasets", "training", "zeroshot", "fewshot"})
+    unknown = sorted(set(doc) - {"datasets", "training", "zeroshot", "fewshot", "columns"})
     if unknown:
-        msg = f"{p}: unknown section(s) {', '.join(unknown)}; expected datasets, training, zeroshot, fewshot"
+        msg = (f"{p}: unknown section(s) {', '.join(unknown)}; expected datasets, training, zeroshot, fewshot "
+               "(and celltwin's columns)")
         raise ConfigError(msg)
-    for sec in ("datasets", "training", "zeroshot", "fewshot"):
+    for sec in ("datasets", "training", "zeroshot", "fewshot", "columns"):
         if sec in doc and not isinstance(doc[sec], dict):
             msg = f"{p}: [{sec}] must be a table (section), got {type(doc[sec]).__name__} {doc[sec]!r:.60}"
             raise ConfigError(msg)
     if not doc.get("datasets"):
         msg = f"{p}: [datasets] is missing or empty"
         raise ConfigError(msg)
-    for sec in ("datasets", "training", "zeroshot"):
+    for sec in ("datasets", "training", "zeroshot", "columns"):
         bad = [k for k, v in doc.get(sec, {}).items() if not isinstance(v, str)]
         if bad:
             msg = f"{p}: [{sec}] values must be strings; not for {', '.join(bad)}"
@@ -222,6 +254,7 @@ def read_split(path: str | os.PathLike[str]) -> Split:
         zeroshot=dict(doc.get("zeroshot", {})),
         fewshot=fewshot,
         path=p,
+        columns=dict(doc.get("columns", {})),
     )
 
 
@@ -339,88 +372,3 @@ def resolve_split(
     if out.train.size == 0:
         warnings.warn(f"{sp_where}: no training cells in dataset {dataset!r} of {where}", stacklevel=2)
     return out
-
-
-def _count(value: float, total: int, what: str) -> int:
-    if value < 0:
-        msg = f"{what}: expected >= 0, got {value}"
-        raise ConfigError(msg)
-    if 0 < value < 1:
-        return max(1, round(value * total))
-    if value != int(value):
-        msg = f"{what}: expected an integer count or a fraction in (0, 1), got {value}"
-        raise ConfigError(msg)
-    return int(value)
-
-
-def make_split(
-    obs: pd.DataFrame,
-    columns: ObsColumns,
-    target: str,
-    holdout: float = 0,
-    seed: int = 0,
-    kind: str = "fewshot",
-    val: float = 0,
-    dataset: str = "data",
-    data_path: str = "",
-    min_cells: int = 1,
-    where: str = "data",
-) -> Split:
-    """Build a few-shot or zero-shot split around the ``target`` context.
-
-    fewshot
-        Among the target context's perturbations with at least ``min_cells`` cells (sorted by
-        name, then permuted with ``default_rng(seed)``), the first ``holdout`` go to test and the
-        next ``val`` to val. ``holdout`` / ``val`` are counts (>= 1) or fractions in (0, 1)
-        (rounded, at least 1). Perturbations with fewer than ``min_cells`` cells are never held out
-        (policy: they stay training data). The target context's controls and remaining
-        perturbations are training data; every other context is training data.
-    zeroshot
-        The whole target context goes to test (``holdout`` and ``val`` are ignored); only its
-        controls are seen (as prediction inputs, see :func:`resolve_split`).
-    """
-    require_columns(obs, [columns.pert_col, columns.context_col], where)
-    if kind not in ("fewshot", "zeroshot"):
-        msg = f"split kind: expected 'fewshot' or 'zeroshot', got {kind!r}"
-        raise ConfigError(msg)
-    if "." in dataset or not dataset:
-        msg = f"dataset name {dataset!r}: must be non-empty and contain no '.'"
-        raise ConfigError(msg)
-    pert = columns.perturbations(obs)
-    ctx = columns.contexts(obs)
-    contexts = sorted(set(ctx))
-    if target not in contexts:
-        col = columns.context_col or "(none)"
-        msg = (
-            f"{where}: target context {target!r} not found in column {col}; available: {', '.join(contexts)}"
-        )
-        raise InputError(msg)
-    is_ctrl = pert == columns.control_label
-    if not (is_ctrl & (ctx == target)).any():
-        msg = f"{where}: target context {target!r} has no control cells ({columns.control_label!r})"
-        raise InputError(msg)
-    sp = Split(datasets={dataset: data_path}, training={dataset: "train"})
-    key = split_key(dataset, target)
-    if kind == "zeroshot":
-        sp.zeroshot[key] = "test"
-        sp.comment = f"celltwin split: zeroshot, target context {target!r}"
-        return sp
-    counts = pd.Series(pert[(ctx == target) & ~is_ctrl]).value_counts()
-    eligible = sorted(str(p) for p, c in counts.items() if c >= min_cells)
-    n_test = _count(holdout, len(eligible), "holdout")
-    n_val = _count(val, len(eligible), "val")
-    if n_test < 1:
-        raise ConfigError("holdout: a few-shot split needs at least one test perturbation")
-    if n_test + n_val > len(eligible):
-        msg = (
-            f"{where}: context {target!r} has {len(eligible)} perturbation(s) with >= {min_cells} cells; "
-            f"cannot hold out {n_test} test + {n_val} val"
-        )
-        raise InputError(msg)
-    order = [eligible[i] for i in np.random.default_rng(seed).permutation(len(eligible))]
-    sp.fewshot[key] = {"val": sorted(order[n_test : n_test + n_val]), "test": sorted(order[:n_test])}
-    sp.comment = (
-        f"celltwin split: fewshot, target context {target!r}, seed {seed}, "
-        f"{n_test} test / {n_val} val of {len(eligible)} perturbations with >= {min_cells} cells"
-    )
-    return sp

@@ -77,7 +77,7 @@ class CSRH5adWriter:
         """Append rows (CSR or dense, ``n_cols`` columns); explicit zeros are dropped."""
         try:
             self._append(block)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - h5py/OS errors of any type become one InputError line
             self._raise_io(e)
 
     def _raise_io(self, e: Exception):
@@ -108,10 +108,6 @@ class CSRH5adWriter:
         self._row += b.shape[0]
         self._nnz += n
 
-    @property
-    def rows_written(self) -> int:
-        return self._row
-
     def close(self) -> None:
         """Write indptr, obs, var, uns; rename the file onto its target."""
         if self._closed:
@@ -131,7 +127,7 @@ class CSRH5adWriter:
                 write_elem(f, key, {})
             f.close()
             self._fh.close()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - as in append()
             self._raise_io(e)
         self._closed = True
         self._atomic.__exit__(None, None, None)

@@ -1,10 +1,14 @@
-"""The VCC evaluator (numpy/scipy/numba; never imports torch).
+"""The VCC evaluator and the rest of the cell-eval 0.8.2 clone (numpy/scipy/numba; never imports torch).
 
 Public API (imported lazily, so ``import celltwin.eval`` stays cheap):
 
 * :func:`evaluate` (``pred``, ``real``, ``config=EvalConfig(...)``) -> :class:`EvalResult` with
   ``results``, ``agg``, ``de_real``, ``de_pred`` and ``.write(outdir)``: cell-eval 0.8.2 ``run``.
 * :func:`score` (``agg``, ``baseline_agg``) -> DataFrame: cell-eval 0.8.2 ``score``.
+* :func:`prep_vcc` (``pred``, ``genes``, ``output``) -> :class:`PrepResult`: cell-eval ``prep``
+  (the ``.vcc`` submission file).
+* :func:`cell_mean_baseline` / :func:`write_cell_mean_baseline`: cell-eval ``baseline``;
+  :func:`vcc_baseline` (``train``, ``real``): the baseline the VCC score is normalised against.
 """
 
 from __future__ import annotations
@@ -12,14 +16,38 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "score", "PROFILES"]
+__all__ = [
+    "PROFILES",
+    "VCC_BASELINE_NAME",
+    "EvalConfig",
+    "EvalResult",
+    "PrepResult",
+    "cell_mean_baseline",
+    "evaluate",
+    "evaluate_by_celltype",
+    "prep_vcc",
+    "read_gene_list",
+    "read_pert_counts",
+    "score",
+    "vcc_baseline",
+    "write_cell_mean_baseline",
+]
 
 _LAZY = {
     "EvalConfig": "celltwin.eval._evaluate",
-    "EvalResult": "celltwin.eval._evaluate",
+    "EvalResult": "celltwin.eval._results",
     "evaluate": "celltwin.eval._evaluate",
-    "PROFILES": "celltwin.eval._evaluate",
+    "evaluate_by_celltype": "celltwin.eval._evaluate",
+    "PROFILES": "celltwin.eval._registry",
     "score": "celltwin.eval._score",
+    "PrepResult": "celltwin.eval._prep",
+    "prep_vcc": "celltwin.eval._prep",
+    "read_gene_list": "celltwin.eval._prep",
+    "VCC_BASELINE_NAME": "celltwin.eval._baseline",
+    "cell_mean_baseline": "celltwin.eval._baseline",
+    "write_cell_mean_baseline": "celltwin.eval._baseline",
+    "vcc_baseline": "celltwin.eval._baseline",
+    "read_pert_counts": "celltwin.eval._baseline",
 }
 
 

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 from celltwin.errors import InputError
 from celltwin.eval import _de_cache, _kernels
 
-__all__ = ["de_table", "DE_COLUMNS", "LEGACY_DE_COLUMNS", "DEMode"]
+__all__ = ["DE_COLUMNS", "LEGACY_DE_COLUMNS", "DEMode", "de_table"]
 
 DEMode = Literal["v2", "legacy"]
 
@@ -394,6 +394,18 @@ def _de_v2(
     target_names: list[str],
     genes: np.ndarray,
 ) -> pd.DataFrame:
+    return de_v2_frame(de_v2_arrays(X, codes, ctrl_code, test_codes), target_names, genes)
+
+
+def de_v2_arrays(
+    X: np.ndarray | sp.csr_matrix, codes: np.ndarray, ctrl_code: int, test_codes: list[int]
+) -> dict[str, np.ndarray]:
+    """The v2 statistics of ``test_codes`` against ``ctrl_code`` as ``(K, G)`` / ``(G,)`` arrays.
+
+    Every value of a test row depends only on that group's cells and the control cells, so the
+    arrays of several calls over disjoint sets of tests (each with the same control cells)
+    concatenate to the arrays of one call over all of them (the streamed evaluator relies on it).
+    """
     n_genes = X.shape[1]
     use = [*test_codes, ctrl_code]  # local group ids: tests 0..K-1, control K
     k = len(test_codes)
@@ -414,21 +426,47 @@ def _de_v2(
     ref_mean = means[k]
     lfc, pc = _kernels.lfc_pc_rows(target_mean, ref_mean, 0.0)
     fdr = _kernels.bh_rows(pval) if k else np.empty((0, n_genes))
+    return {
+        "target_mean": target_mean,
+        "ref_mean": ref_mean,
+        "sizes": sizes,
+        "log2_fold_change": lfc,
+        "percent_change": pc,
+        "p_value": pval,
+        "statistic": stat,
+        "fdr": fdr,
+    }
 
+
+def concat_v2_arrays(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Join :func:`de_v2_arrays` results of disjoint test sets (same controls) in the given order."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if name not in ("ref_mean", "sizes")}
+    out["ref_mean"] = parts[0]["ref_mean"]
+    out["sizes"] = np.concatenate([p["sizes"][:-1] for p in parts] + [parts[0]["sizes"][-1:]])
+    return out
+
+
+def de_v2_frame(arrays: dict[str, np.ndarray], target_names: list[str], genes: np.ndarray) -> pd.DataFrame:
+    """The pdex-shaped table (:data:`DE_COLUMNS`) of :func:`de_v2_arrays` output."""
+    n_genes = genes.shape[0]
+    k = len(target_names)
+    sizes = arrays["sizes"]
     n = k * n_genes
     return pd.DataFrame(
         {
             "target": _name_column(target_names, np.repeat(np.arange(k), n_genes)),
             "feature": _name_column(genes, np.tile(np.arange(n_genes), k)),
-            "target_mean": target_mean.reshape(n),
-            "ref_mean": np.tile(ref_mean, k),
+            "target_mean": arrays["target_mean"].reshape(n),
+            "ref_mean": np.tile(arrays["ref_mean"], k),
             "target_membership": np.repeat(sizes[:k], n_genes).astype(np.int64),
             "ref_membership": np.full(n, sizes[k], dtype=np.int64),
-            "log2_fold_change": lfc.reshape(n),
-            "percent_change": pc.reshape(n),
-            "p_value": pval.reshape(n),
-            "statistic": stat.reshape(n),
-            "fdr": fdr.reshape(n),
+            "log2_fold_change": arrays["log2_fold_change"].reshape(n),
+            "percent_change": arrays["percent_change"].reshape(n),
+            "p_value": arrays["p_value"].reshape(n),
+            "statistic": arrays["statistic"].reshape(n),
+            "fdr": arrays["fdr"].reshape(n),
         },
         columns=list(DE_COLUMNS),
         copy=False,  # fresh arrays: no 2-D consolidation copy of ~7 x 904k floats

@@ -1,9 +1,10 @@
 """``evaluate``: the AnnData adapter of the VCC evaluator (cell-eval 0.8.2 ``run``, exact).
 
-Pipeline: read and validate both files (:mod:`celltwin.eval._load`), normalise each counts file on
-its own, check that the two files agree (genes, perturbations), build float32/float64 pseudobulks
-without densifying, compute the DE tables with :func:`celltwin.eval._de.de_table` (the real side
-cached by content hash), then the metrics of the profile (:mod:`celltwin.eval._metrics`).
+Pipeline: open and validate both sides in one streamed pass each (:mod:`celltwin.eval._sides`,
+rules of :mod:`celltwin.eval._load`), check that the two files agree (genes, perturbations),
+then per side the float32/float64 pseudobulks and the DE statistics, group batch by group batch
+from disk (the real side's DE table cached by content hash), then the metrics of the profile
+(:mod:`celltwin.eval._registry`).
 
 Output tables match cell-eval's ``results.csv`` / ``agg_results.csv``: one row per non-control
 perturbation in sorted order (``np.unique``), a ``perturbation`` column then the metric columns in
@@ -14,9 +15,8 @@ discrimination_score_l1`` for the ``vcc`` profile), and the ``describe`` statist
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,60 +25,26 @@ import numpy as np
 from celltwin._constants import CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
 
+# the metric columns and profiles are defined once, in celltwin.eval._registry (cell-eval's order)
+from celltwin.eval._registry import PROFILE_METRICS, PROFILES
+
+# the result and its files: celltwin.eval._results (importable from here too)
+from celltwin.eval._results import DE_FORMATS, OUTPUT_NAMES, EvalResult, write_de_table
+
 __all__ = [
+    "DEFAULT_CACHE_DIR",
+    "DE_FORMATS",
+    "OUTPUT_NAMES",
+    "PROFILES",
+    "PROFILE_METRICS",
     "EvalConfig",
     "EvalResult",
     "evaluate",
+    "evaluate_by_celltype",
     "write_de_table",
-    "PROFILES",
-    "PROFILE_METRICS",
-    "DE_FORMATS",
-    "DEFAULT_CACHE_DIR",
 ]
 
-#: Metric columns of each profile, in cell-eval's column order.
-PROFILE_METRICS: dict[str, tuple[str, ...]] = {
-    "vcc": ("overlap_at_N", "mae", "discrimination_score_l1"),
-    "pds": ("discrimination_score_l1",),
-    # cell-eval's ``full`` profile; clustering_agreement needs the optional ``cluster`` extra
-    "full": (
-        *(f"overlap_at_{k}" for k in ("N", "50", "100", "200", "500")),
-        *(f"precision_at_{k}" for k in ("N", "50", "100", "200", "500")),
-        "de_spearman_sig",
-        "de_direction_match",
-        "de_spearman_lfc_sig",
-        "de_sig_genes_recall",
-        "de_nsig_counts_real",
-        "de_nsig_counts_pred",
-        "pr_auc",
-        "roc_auc",
-        "pearson_delta",
-        "mse",
-        "mae",
-        "mse_delta",
-        "mae_delta",
-        "discrimination_score_l1",
-        "discrimination_score_l2",
-        "discrimination_score_cosine",
-        "pearson_edistance",
-        "clustering_agreement",
-    ),
-}
-_DE_METRICS = frozenset(
-    m for m in PROFILE_METRICS["full"] if m.startswith(("overlap", "precision", "de_", "pr_", "roc_"))
-)
-PROFILES = tuple(PROFILE_METRICS)
-#: File formats of the DE tables written by :meth:`EvalResult.write`.
-DE_FORMATS = ("parquet", "csv", "none")
 _MIN_CLUSTER_PERTS = 3  # clustering_agreement: kNN graph of the perturbation centroids
-# every name EvalResult.write may write: an earlier run's file of these names that this run does
-# not write (e.g. de_counts.png after --profile pds) is dropped, so an output directory never
-# mixes two runs; any other file of the directory is kept
-OUTPUT_NAMES = frozenset(
-    {"results.csv", "agg_results.csv", "report.md", "scores.png", "effects.png", "de_counts.png"}
-    | {f"{side}_de.{fmt}" for side in ("real", "pred") for fmt in ("parquet", "csv")}
-)
-DEFormat = Literal["parquet", "csv", "none"]
 DEFAULT_CACHE_DIR = Path("~/.cache/celltwin").expanduser()
 
 
@@ -115,9 +81,21 @@ class EvalConfig:
         replaced by ``1e-10`` (no clipping). Every other rule is shared.
     progress
         Show rich progress bars on stderr.
+    skip_metrics
+        Metric columns to leave out of the profile (cell-eval ``--skip-metrics``); a cell-eval
+        metric name covering several columns (``de_nsig_counts``) skips all of them. Unknown names
+        raise :class:`ConfigError`; a known metric that the profile lacks is ignored, as in cell-eval.
+    num_threads
+        Numba threads of the DE computation (``de_table(n_threads=...)``); ``None``: numba's
+        current setting (every core by default). Values are the same for any thread count.
+    embed_key
+        cell-eval's ``--embed-key``: ``discrimination_score_l2`` and ``discrimination_score_cosine``
+        are computed on the pseudobulks of ``obsm[embed_key]`` (every dimension kept, no target
+        exclusion) instead of the genes; every other metric still uses X (as in cell-eval, where
+        the L1 score ignores the key).
     """
 
-    profile: Literal["vcc", "pds", "full"] = "vcc"
+    profile: Literal["vcc", "pds", "minimal", "de", "full"] = "vcc"
     pert_col: str = PERT_COL
     control: str = CONTROL_LABEL
     control_source: Literal["own", "real"] = "own"
@@ -125,6 +103,9 @@ class EvalConfig:
     cache_dir: Path | None = None
     mode: Literal["v2", "legacy"] = "v2"
     progress: bool = False
+    skip_metrics: tuple[str, ...] = ()
+    num_threads: int | None = None
+    embed_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILE_METRICS:
@@ -141,153 +122,70 @@ class EvalConfig:
             raise ConfigError(msg)
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir).expanduser()
-
-
-@dataclass
-class EvalResult:
-    """Outcome of :func:`evaluate`.
-
-    ``results``: pandas DataFrame, one row per perturbation (``perturbation`` + metric columns).
-    ``agg``: ``statistic`` + metric columns (count, null_count, mean, std, min, 25%, 50%, 75%, max).
-    ``de_real`` / ``de_pred``: the DE tables (pandas, pdex 0.3.0 columns) or ``None`` (``pds``).
-    ``bulk``: pseudobulk deltas and names used by the report (``delta_real``, ``delta_pred`` (P, G),
-    ``perts``, ``genes``).
-    """
-
-    results: Any
-    agg: Any
-    de_real: Any
-    de_pred: Any
-    config: EvalConfig
-    bulk: dict[str, Any] = field(default_factory=dict, repr=False)
-    nulls: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    def write(
-        self, outdir: str | os.PathLike[str], *, report: bool = True, de_format: DEFormat = "parquet"
-    ) -> list[Path]:
-        """Write ``results.csv``, ``agg_results.csv``, the two DE tables and the report.
-
-        ``de_format``: ``"parquet"`` (default) writes ``real_de.parquet`` / ``pred_de.parquet``;
-        ``"csv"`` writes ``real_de.csv`` / ``pred_de.csv`` as cell-eval does (same file names,
-        columns and number formatting, polars' CSV writer); ``"none"`` skips them. The tables
-        are the same in every format; parquet keeps the dtypes (float32 means stay float32) and
-        is about 3x smaller and 5x faster to write than CSV at 18,080 genes, which matters for
-        tables of one row per (perturbation, gene). The files appear all together or not at all:
-        they are written into a temporary sibling directory swapped in at the end
-        (:func:`celltwin._io.atomic_dir`; other files already in ``outdir`` are kept, an earlier
-        run's files of :data:`OUTPUT_NAMES` are replaced or removed). Returns the written paths.
-        """
-        from celltwin._io import atomic_dir
-
-        if de_format not in DE_FORMATS:
-            msg = f"EvalResult.write: de_format must be one of {', '.join(DE_FORMATS)}, got {de_format!r}"
+        if self.embed_key is not None and (not isinstance(self.embed_key, str) or not self.embed_key):
+            msg = f"EvalConfig.embed_key must be a non-empty obsm key or None, got {self.embed_key!r}"
             raise ConfigError(msg)
-        final = Path(outdir)
-        with atomic_dir(final, owned=OUTPUT_NAMES) as out:
-            written = self._write_files(out, report=report, de_format=de_format)
-        return [final / p.relative_to(out) for p in written]
+        self._check_skip_and_threads()
 
-    def _write_files(self, out: Path, *, report: bool, de_format: DEFormat) -> list[Path]:
-        written: list[Path] = []
+    def _check_skip_and_threads(self) -> None:
+        from celltwin.eval._registry import metric_names, valid_skip_names
 
-        def _csv(df, name: str, nulls: dict[str, np.ndarray]) -> None:
-            path = out / name
-            path.write_text(_to_csv(df, nulls), encoding="utf-8")
-            written.append(path)
-
-        _csv(self.results, "results.csv", self.nulls)
-        _csv(self.agg, "agg_results.csv", {})
-        tables = []
-        if de_format != "none":
-            tables = [
-                (out / f"{side}_de.{de_format}", t)
-                for side, t in (("real", self.de_real), ("pred", self.de_pred))
-                if t is not None
-            ]
-
-        def _de(item: tuple[Path, Any]) -> Path:
-            write_de_table(item[1], item[0], de_format)
-            return item[0]
-
-        # the two DE tables are written concurrently: polars formats and writes without the GIL
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=max(1, len(tables))) as pool:
-            written.extend(pool.map(_de, tables))
-        if report:
-            from celltwin.eval._report import write_report
-
-            written.extend(write_report(self, out))
-        return written
+        if isinstance(self.skip_metrics, str):
+            self.skip_metrics = (self.skip_metrics,)
+        self.skip_metrics = tuple(str(m).strip() for m in self.skip_metrics if str(m).strip())
+        unknown = [m for m in self.skip_metrics if m not in valid_skip_names()]
+        if unknown:
+            msg = (
+                f"EvalConfig.skip_metrics: unknown metric {', '.join(map(repr, unknown))} "
+                f"(valid: {', '.join(valid_skip_names())})"
+            )
+            raise ConfigError(msg)
+        if not metric_names(self.profile, self.skip_metrics):
+            msg = f"EvalConfig.skip_metrics removes every metric of profile {self.profile!r}"
+            raise ConfigError(msg)
+        n = self.num_threads
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
+            msg = f"EvalConfig.num_threads must be a positive integer or None, got {self.num_threads!r}"
+            raise ConfigError(msg)
 
 
-def _polars_frame(table: Any):
-    """A polars DataFrame of a DE table (pandas or polars) without a per-row Python object.
+def evaluate_by_celltype(
+    pred: Any, real: Any, celltype_col: str, *, config: EvalConfig | None = None, de_real: Any = None,
+    de_pred: Any = None,
+) -> dict[str, EvalResult]:
+    """:func:`evaluate` once per cell type of ``obs[celltype_col]`` (cell-eval ``--celltype-col``).
 
-    Categorical columns become polars Enums built once from their categories and gathered by
-    code; numeric columns are handed over as numpy arrays (zero-copy where possible).
+    Each cell type's cells of both files are evaluated as files of their own (a counts file is
+    normalised with the median of that cell type's cells, as cell-eval does on its AnnData
+    subsets), streamed from the same files. Cell types come in the real file's order of first
+    appearance; both files must hold the same cell types. Returns ``{cell type: EvalResult}``;
+    write them with ``result.write(outdir, prefix=cell_type)``.
     """
+    from celltwin.eval._sides import _open_source
+
+    cfg = config if config is not None else EvalConfig()
+    groups = []
+    for obj, which in ((real, "real"), (pred, "pred")):
+        source, name = _open_source(obj, which)
+        if celltype_col not in source.obs.columns:
+            cols = ", ".join(map(str, source.obs.columns[:10]))
+            msg = f"{name}: obs column {celltype_col!r} not found (expected the cell type column; obs has: {cols})"
+            raise InputError(msg)
+        col = source.obs[celltype_col].astype(str).to_numpy()
+        groups.append((name, col))
+    (real_name, ct_r), (pred_name, ct_p) = groups
     import pandas as pd
-    import polars as pl
 
-    if isinstance(table, pl.DataFrame):
-        return table
-    cols = []
-    for name in table.columns:
-        col = table[name]
-        if isinstance(col.dtype, pd.CategoricalDtype):
-            cats = [str(c) for c in col.cat.categories]
-            codes = np.asarray(col.cat.codes)
-            if (codes < 0).any():  # missing values: let polars build the column from strings
-                cols.append(pl.Series(name, col.astype(object).to_numpy(), dtype=pl.String))
-            else:
-                cols.append(pl.Series(name, cats, dtype=pl.Enum(cats)).gather(codes.astype(np.uint32)))
-        elif col.dtype == object:
-            cols.append(pl.Series(name, col.to_numpy(), dtype=pl.String))
-        else:
-            cols.append(pl.Series(name, col.to_numpy()))
-    return pl.DataFrame(cols)
-
-
-def write_de_table(table: Any, path: str | os.PathLike[str], de_format: DEFormat = "parquet") -> None:
-    """Write one DE table (pandas or polars) as parquet (lz4) or as CSV with polars.
-
-    The CSV is what cell-eval writes (polars ``write_csv``: floats in shortest round-trip form,
-    ``inf`` / ``-inf`` / ``NaN`` spelled so); the parquet file holds the same columns and dtypes.
-    """
-    frame = _polars_frame(table)
-    if de_format == "parquet":
-        frame.write_parquet(path, compression="lz4")
-    elif de_format == "csv":
-        frame.write_csv(path)
-    else:
-        msg = f"write_de_table: de_format must be 'parquet' or 'csv', got {de_format!r}"
-        raise ConfigError(msg)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, str):
-        return v if not any(c in v for c in ',"\n') else '"' + v.replace('"', '""') + '"'
-    f = float(v)
-    if np.isnan(f):
-        return "NaN"
-    if np.isinf(f):
-        return "inf" if f > 0 else "-inf"
-    return repr(f)
-
-
-def _to_csv(df, nulls: dict[str, np.ndarray]) -> str:
-    """CSV text as polars writes it: null -> empty field, NaN -> ``NaN``, floats in shortest repr."""
-    cols = list(df.columns)
-    data = [df[c].tolist() for c in cols]
-    lines = [",".join(cols)]
-    for i in range(len(df)):
-        row = []
-        for c, vals in zip(cols, data, strict=True):
-            null = nulls.get(c)
-            row.append("" if null is not None and null[i] else _fmt(vals[i]))
-        lines.append(",".join(row))
-    return "\n".join(lines) + "\n"
+    order = [str(c) for c in pd.unique(ct_r)]
+    if set(order) != set(ct_p.tolist()):
+        msg = (f"{pred_name}: cell types in obs[{celltype_col!r}] differ from {real_name} "
+               f"(real: {sorted(order)[:5]}, pred: {sorted(set(ct_p.tolist()))[:5]})")
+        raise InputError(msg)
+    return {
+        ct: evaluate(pred, real, config=cfg, de_real=de_real, de_pred=de_pred,
+                     _rows=(np.flatnonzero(ct_p == ct), np.flatnonzero(ct_r == ct)))
+        for ct in order
+    }
 
 
 @contextlib.contextmanager
@@ -318,21 +216,10 @@ def _progress(enabled: bool) -> Iterator[Any]:
         yield _Steps()
 
 
-def _as_anndata(obj: Any, which: str):
-    from celltwin.eval._load import read_h5ad
-
-    if isinstance(obj, (str, os.PathLike)):
-        return read_h5ad(obj), str(obj)
-    if hasattr(obj, "X") and hasattr(obj, "obs") and hasattr(obj, "var_names"):
-        return obj, f"<{which} AnnData>"
-    msg = f"{which}: expected a path to an .h5ad file or an AnnData, got {type(obj).__name__}"
-    raise InputError(msg)
-
-
-def _align_genes(real, pred, reorder: bool):
-    """Return ``pred`` with its genes in ``real``'s order, or raise a one-line InputError."""
+def _align_genes(real, pred, reorder: bool) -> None:
+    """Make ``pred`` return its genes in ``real``'s order, or raise a one-line InputError."""
     if np.array_equal(real.genes, pred.genes):
-        return pred
+        return
     rs, ps = set(real.genes.tolist()), set(pred.genes.tolist())
     if rs != ps:
         only_real = sorted(rs - ps)
@@ -349,14 +236,7 @@ def _align_genes(real, pred, reorder: bool):
             f"{real.genes[first]!r}, found {pred.genes[first]!r}); pass --reorder-genes to reorder the prediction"
         )
         raise InputError(msg)
-    pos = {g: i for i, g in enumerate(pred.genes.tolist())}
-    idx = np.array([pos[g] for g in real.genes.tolist()], dtype=np.int64)
-    X = pred.X[:, idx]
-    pred.X = X.tocsr() if hasattr(X, "tocsr") else np.ascontiguousarray(X)
-    if hasattr(pred.X, "has_sorted_indices") and not pred.X.has_sorted_indices:
-        pred.X.sort_indices()
-    pred.genes = real.genes.copy()
-    return pred
+    pred.reorder(real.genes)
 
 
 def _check_perts(real, pred, control: str, pert_col: str) -> np.ndarray:
@@ -376,11 +256,68 @@ def _check_perts(real, pred, control: str, pert_col: str) -> np.ndarray:
     return perts
 
 
-def _bulks(side, names: np.ndarray) -> np.ndarray:
-    from celltwin.eval._metrics import pseudobulk
+def _side_stats(prog, side, which: str, names: np.ndarray, cfg: EvalConfig, de: Any):
+    """``(pseudobulks of names, DE table)`` of one side. ``de``: a precomputed table (kept), ``None``
+    (compute it) or ``False`` (not needed). v2 streams group batches; legacy (2025 scorer) reads
+    the whole side into memory and runs :func:`de_table` on it, as before."""
+    from celltwin.eval import _de, _de_cache
+    from celltwin.eval._sides import side_tables
 
-    codes = np.searchsorted(names, side.labels)
-    return pseudobulk(side.X, codes, names.size)
+    want = de is None
+    if want and cfg.mode == "legacy":
+        from celltwin.eval._metrics import pseudobulk
+
+        with prog.step(f"differential expression ({which}, legacy: whole file in memory)"):
+            X = side.rows(np.arange(side.n_obs))
+            bulk = pseudobulk(X, np.searchsorted(names, side.labels), names.size)
+            table = _de.de_table(X, side.labels, cfg.control, side.genes, mode="legacy",
+                                 cache_dir=cfg.cache_dir if which == "real" else None,
+                                 n_threads=cfg.num_threads)
+        return bulk, table
+    key = None
+    if want and which == "real" and cfg.cache_dir is not None and side.digest is not None:
+        key = _stream_cache_key(side, cfg)
+        cached = _de_cache.load(cfg.cache_dir, key)
+        if cached is not None:
+            de, want = cached, False
+    label = f"pseudobulks and differential expression ({which})" if want else f"pseudobulks ({which})"
+    with prog.step(label), _numba_threads(cfg.num_threads):
+        bulk, arrays = side_tables(side, names, cfg.control, de=want)
+    if want:
+        targets = [str(n) for n in names if n != cfg.control]
+        de = _de.de_v2_frame(arrays, targets, side.genes)
+        if key is not None:
+            _de_cache.save(cfg.cache_dir, key, de)
+    return bulk, (de if de is not False else None)
+
+
+def _stream_cache_key(side, cfg: EvalConfig) -> str:
+    """DE-cache key of a streamed side: its stored content digest, how it was read, labels, genes."""
+    import hashlib
+
+    from celltwin.eval._de_cache import DE_CACHE_VERSION, _update_strings
+
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{DE_CACHE_VERSION}|stream|v2|{side.digest}|{side.was_counts}|{side.dtype.str}".encode())
+    for part, values in (("labels", side.labels), ("control", [cfg.control]), ("genes", side.genes)):
+        h.update(part.encode())
+        _update_strings(h, values)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _numba_threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    import numba
+
+    prev = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
 
 
 def legacy_log2_fold_change(fc: np.ndarray) -> np.ndarray:
@@ -426,18 +363,27 @@ def _results_frames(perts: np.ndarray, metrics: dict[str, np.ndarray], nulls: di
 
 
 def evaluate(
-    pred: Any, real: Any, *, config: EvalConfig | None = None, de_real: Any = None, de_pred: Any = None
+    pred: Any, real: Any, *, config: EvalConfig | None = None, de_real: Any = None, de_pred: Any = None,
+    _rows: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
 ) -> EvalResult:
     """Evaluate a prediction against the real data with cell-eval 0.8.2's exact semantics.
 
-    ``pred`` / ``real``: ``.h5ad`` paths or AnnData objects (an AnnData's ``X`` is normalised in
-    place when it holds counts). ``de_real`` / ``de_pred``: optional precomputed DE tables (pandas or
-    polars, pdex columns) used instead of computing them. Raises :class:`InputError` on bad input.
+    ``pred`` / ``real``: ``.h5ad`` paths or AnnData objects; neither is modified (counts are
+    normalised on copies of the rows as they are read). ``de_real`` / ``de_pred``: optional
+    precomputed DE tables (pandas or polars, pdex columns) used instead of computing them. Raises
+    :class:`InputError` on bad input.
+
+    Memory: files are not loaded whole. Each side is validated in one streamed pass, then its
+    control cells are held and the perturbations are read in batches (see
+    :mod:`celltwin.eval._sides`): peak memory is about the control cells plus two batches of
+    ~768 MiB, not the files' size. ``mode="legacy"`` and the cell-level metrics of the ``full``
+    profile (``pearson_edistance``, ``clustering_agreement``) still read what they need whole.
     """
-    from celltwin.eval._load import prepare
+    from celltwin.eval import _registry
+    from celltwin.eval._sides import MixedSide, open_side
 
     cfg = config if config is not None else EvalConfig()
-    metric_names = PROFILE_METRICS[cfg.profile]
+    metric_names = _registry.metric_names(cfg.profile, cfg.skip_metrics)
     if "clustering_agreement" in metric_names and not _has_cluster_extra():
         import warnings
 
@@ -448,15 +394,14 @@ def evaluate(
         )
         metric_names = tuple(m for m in metric_names if m != "clustering_agreement")
     with _progress(cfg.progress) as prog:
-        with prog.step("reading and normalising real"):
-            ad_real, real_name = _as_anndata(real, "real")
-            r = prepare(ad_real, pert_col=cfg.pert_col, control=cfg.control, name=real_name)
-            del ad_real
-        with prog.step("reading and normalising pred"):
-            ad_pred, pred_name = _as_anndata(pred, "pred")
-            p = prepare(ad_pred, pert_col=cfg.pert_col, control=cfg.control, name=pred_name)
-            del ad_pred
-        p = _align_genes(r, p, cfg.reorder_genes)
+        # Both sides stay on disk (an AnnData stays untouched): one validation pass each, then rows
+        # are read and normalised per group batch (celltwin.eval._sides).
+        with prog.step("reading and checking real"):
+            r = open_side(real, pert_col=cfg.pert_col, control=cfg.control, which="real",
+                          digest=cfg.cache_dir is not None, rows=_rows[1])
+        with prog.step("reading and checking pred"):
+            p = open_side(pred, pert_col=cfg.pert_col, control=cfg.control, which="pred", rows=_rows[0])
+        _align_genes(r, p, cfg.reorder_genes)
         perts = _check_perts(r, p, cfg.control, cfg.pert_col)
         if "clustering_agreement" in metric_names and len(perts) < _MIN_CLUSTER_PERTS:
             # scanpy's kNN graph of the perturbation centroids needs >= 2 neighbours (cell-eval
@@ -472,26 +417,26 @@ def evaluate(
         names = np.unique(r.labels)  # all labels, control included, sorted
         ctrl = int(np.searchsorted(names, cfg.control))
         if cfg.control_source == "real":
-            p = _with_real_controls(p, r, cfg.control)
+            p = MixedSide(p, r, cfg.control)
 
-        with prog.step("pseudobulks"):
-            bulk_r = _bulks(r, names)
-            bulk_p = _bulks(p, names)
+        need_de = any(m in _registry.DE_METRICS for m in metric_names)
+        bulk_r, de_real = _side_stats(prog, r, "real", names, cfg, de_real if need_de else False)
+        bulk_p, de_pred = _side_stats(prog, p, "pred", names, cfg, de_pred if need_de else False)
         keep = np.flatnonzero(names != cfg.control)
         delta_r = bulk_r[keep] - bulk_r[ctrl]
         delta_p = bulk_p[keep] - bulk_p[ctrl]
+        embed = None
+        if cfg.embed_key is not None and {"discrimination_score_l2", "discrimination_score_cosine"} & set(metric_names):
+            from celltwin.eval._sides import obsm_bulk
 
-        if cfg.profile != "pds":
-            from celltwin.eval._de import de_table
-
-            if de_real is None:
-                with prog.step("differential expression (real)"):
-                    de_real = de_table(
-                        r.X, r.labels, cfg.control, r.genes, mode=cfg.mode, cache_dir=cfg.cache_dir
-                    )
-            if de_pred is None:
-                with prog.step("differential expression (pred)"):
-                    de_pred = de_table(p.X, p.labels, cfg.control, p.genes, mode=cfg.mode)
+            with prog.step(f"pseudobulks of obsm[{cfg.embed_key!r}]"):
+                e_r = obsm_bulk(r, names, cfg.embed_key)
+                e_p = obsm_bulk(p, names, cfg.embed_key)
+            if e_r.shape[1] != e_p.shape[1]:
+                msg = (f"{p.name}: obsm[{cfg.embed_key!r}] has {e_p.shape[1]} dimensions, {r.name} has "
+                       f"{e_r.shape[1]} (expected the same embedding on both sides)")
+                raise InputError(msg)
+            embed = (e_r[keep] - e_r[ctrl], e_p[keep] - e_p[ctrl])
         with prog.step("metrics"):
             metrics, nulls = _compute_metrics(
                 metric_names,
@@ -506,6 +451,7 @@ def evaluate(
                 de_pred,
                 cfg.control,
                 legacy=cfg.mode == "legacy",
+                embed=embed,
             )
     results, agg = _results_frames(perts, {m: metrics[m] for m in metric_names}, nulls)
     bulk = {"delta_real": delta_r, "delta_pred": delta_p, "perts": perts, "genes": r.genes}
@@ -522,95 +468,10 @@ def _has_cluster_extra() -> bool:
 
 
 def _compute_metrics(
-    names, r, p, perts, pb_r, pb_p, delta_r, delta_p, de_real, de_pred, control, legacy=False
+    names, r, p, perts, pb_r, pb_p, delta_r, delta_p, de_real, de_pred, control, legacy=False, embed=None
 ):
-    """Values (and null masks) of the requested metric columns; each rule is documented in its kernel."""
-    from celltwin.eval import _full
-    from celltwin.eval._metrics import discrimination_l1, mae, rank_significant
+    """Values (and null masks) of the requested metric columns (:mod:`celltwin.eval._registry`)."""
+    from celltwin.eval._registry import MetricContext, compute_metrics
 
-    P = perts.size
-    vals: dict[str, np.ndarray] = {}
-    nulls: dict[str, np.ndarray] = {}
-    want = set(names)
-    if want & _DE_METRICS:
-        ranked_r = rank_significant(*_de_columns(de_real), perts)
-        ranked_p = rank_significant(*_de_columns(de_pred), perts)
-        for kind in ("overlap", "precision"):
-            for k in _full.KS:
-                name = f"{kind}_at_{k or 'N'}"
-                if name in want:
-                    vals[name] = _full.overlap_k(ranked_r, ranked_p, perts, k, kind)
-        if want & {
-            "de_spearman_sig",
-            "de_direction_match",
-            "de_spearman_lfc_sig",
-            "de_sig_genes_recall",
-            "de_nsig_counts_real",
-            "de_nsig_counts_pred",
-            "pr_auc",
-            "roc_auc",
-        }:
-            lfc_r, fdr_r = _full.de_matrices(de_real, perts, r.genes, _lfc(de_real))
-            lfc_p, fdr_p = _full.de_matrices(de_pred, perts, r.genes, _lfc(de_pred))
-            sig_r, sig_p = fdr_r < 0.05, fdr_p < 0.05
-            vals["de_spearman_sig"] = np.full(P, _full.de_spearman_sig(sig_r, sig_p))
-            vals["de_direction_match"], nulls["de_direction_match"] = _full.de_direction_match(
-                sig_r, lfc_r, lfc_p
-            )
-            if legacy:  # cell-eval 0.6.6 correlates the fold changes themselves
-                fc_r, _ = _full.de_matrices(
-                    de_real, perts, r.genes, np.asarray(de_real["fold_change"], np.float64)
-                )
-                fc_p, _ = _full.de_matrices(
-                    de_pred, perts, r.genes, np.asarray(de_pred["fold_change"], np.float64)
-                )
-                v, n = _full.de_spearman_lfc_sig(sig_r, fc_r, fc_p)
-                vals["de_spearman_lfc_sig"] = v.astype(np.float32).astype(
-                    np.float64
-                )  # polars corr of Float32 columns
-                nulls["de_spearman_lfc_sig"] = n
-            else:
-                vals["de_spearman_lfc_sig"], nulls["de_spearman_lfc_sig"] = _full.de_spearman_lfc_sig(
-                    sig_r, lfc_r, lfc_p
-                )
-            vals["de_sig_genes_recall"], nulls["de_sig_genes_recall"] = _full.de_sig_genes_recall(
-                sig_r, sig_p
-            )
-            vals["de_nsig_counts_real"] = sig_r.sum(1).astype(np.float64)
-            vals["de_nsig_counts_pred"] = sig_p.sum(1).astype(np.float64)
-            vals["pr_auc"], vals["roc_auc"] = _full.auc_metrics(sig_r, fdr_p, legacy=legacy)
-    if "pearson_delta" in want:
-        vals["pearson_delta"] = _full.pearson_delta(delta_p, delta_r)
-    if "mse" in want:
-        vals["mse"] = _full.mean_error(pb_p, pb_r, "mse")
-    if "mae" in want:
-        vals["mae"] = mae(pb_p, pb_r)
-    if "mse_delta" in want:
-        vals["mse_delta"] = _full.mean_error(delta_p, delta_r, "mse")
-    if "mae_delta" in want:
-        vals["mae_delta"] = _full.mean_error(delta_p, delta_r, "mae")
-    if "discrimination_score_l1" in want:
-        vals["discrimination_score_l1"] = discrimination_l1(delta_r, delta_p, perts, r.genes)
-    for m in ("l2", "cosine"):
-        if f"discrimination_score_{m}" in want:
-            vals[f"discrimination_score_{m}"] = _full.discrimination(delta_r, delta_p, perts, r.genes, m)
-    if "pearson_edistance" in want:
-        vals["pearson_edistance"] = np.full(P, _full.edistance_pearson(r, p, perts, control))
-    if "clustering_agreement" in want:
-        vals["clustering_agreement"] = np.full(P, _full.clustering_agreement(r, p, control))
-    return vals, {k: v for k, v in nulls.items() if k in want}
-
-
-def _with_real_controls(pred, real, control: str):
-    """``pred`` with its control cells replaced by the real file's control cells (rows appended last)."""
-    import scipy.sparse as sp
-
-    keep_p = np.flatnonzero(pred.labels != control)
-    ctrl_r = np.flatnonzero(real.labels == control)
-    if sp.issparse(pred.X) or sp.issparse(real.X):
-        X = sp.vstack([sp.csr_matrix(pred.X[keep_p]), sp.csr_matrix(real.X[ctrl_r])], format="csr")
-    else:
-        X = np.vstack([pred.X[keep_p], real.X[ctrl_r]])
-    labels = np.concatenate([pred.labels[keep_p], real.labels[ctrl_r]])
-    pred.X, pred.labels = X, labels
-    return pred
+    ctx = MetricContext(r, p, perts, pb_r, pb_p, delta_r, delta_p, de_real, de_pred, control, legacy, embed)
+    return compute_metrics(names, ctx)

@@ -1,4 +1,5 @@
-"""The metrics of cell-eval 0.8.2's ``full`` profile beyond the ``vcc`` three (array kernels).
+"""The metrics of cell-eval 0.8.2's ``full`` profile beyond the ``vcc`` three and their relatives
+(array kernels; errors, PDS and DE overlaps are in :mod:`celltwin.eval._metrics`).
 
 Conventions shared by every function here (cell-eval semantics):
 
@@ -26,25 +27,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
 __all__ = [
     "KS",
-    "de_matrices",
-    "overlap_k",
-    "spearman",
-    "de_spearman_sig",
-    "de_direction_match",
-    "de_spearman_lfc_sig",
-    "de_sig_genes_recall",
-    "average_precision",
-    "roc_auc",
     "auc_metrics",
-    "pearson_delta",
-    "mean_error",
-    "discrimination",
-    "euclidean",
-    "edistance_pearson",
+    "average_precision",
     "clustering_agreement",
+    "cosine",
+    "de_direction_match",
+    "de_matrices",
+    "de_sig_genes_recall",
+    "de_spearman_lfc_sig",
+    "de_spearman_sig",
+    "edistance_pearson",
+    "euclidean",
+    "pearson_delta",
+    "roc_auc",
+    "spearman",
 ]
 
 KS: tuple[int | None, ...] = (None, 50, 100, 200, 500)
@@ -70,27 +68,6 @@ def de_matrices(
     lfc_m[rows[ok], cols[ok]] = vals[ok].astype(np.float32)
     fdr[rows[ok], cols[ok]] = np.asarray(table["fdr"], dtype=np.float64)[ok].astype(np.float32)
     return lfc_m, fdr
-
-
-def overlap_k(
-    real_ranked: dict, pred_ranked: dict, perts: Sequence[str], k: int | None, metric: str
-) -> np.ndarray:
-    """``overlap_at_k`` / ``precision_at_k`` (cell-eval ``compute_overlap``).
-
-    ``overlap``: ``n = min(k or |real|, |real|)``; ``precision``: ``n = min(k or |pred|, |pred|)``;
-    score ``|real[:n] & pred[:n]| / n`` on the ranked significant lists (0 when ``n == 0``, and 0
-    everywhere when one side has no significant gene at all).
-    """
-    out = np.zeros(len(perts), dtype=np.float64)
-    if not (any(v.size for v in real_ranked.values()) and any(v.size for v in pred_ranked.values())):
-        return out
-    for i, p in enumerate(perts):
-        real, pred = real_ranked[str(p)], pred_ranked[str(p)]
-        base = real.size if metric == "overlap" else pred.size
-        n = min(k if k else base, base)
-        if n:
-            out[i] = np.intersect1d(real[:n], pred[:n]).size / n
-    return out
 
 
 def _avg_rank(x: np.ndarray) -> np.ndarray:
@@ -226,15 +203,6 @@ def pearson_delta(delta_pred: np.ndarray, delta_real: np.ndarray) -> np.ndarray:
     return out
 
 
-def mean_error(a: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
-    """Per-row ``mean(|b - a|)`` (``kind="mae"``) or ``mean((b - a)**2)`` (``"mse"``), sklearn's reduction."""
-    out = np.empty(a.shape[0])
-    for i in range(out.size):
-        d = b[i] - a[i]
-        out[i] = float(np.mean(np.abs(d) if kind == "mae" else d**2))
-    return out
-
-
 def _row_norms_sq(X: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", X, X)
 
@@ -286,7 +254,8 @@ def _batches(n: int, size: int) -> list[slice]:
     return out
 
 
-def _cosine(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+def cosine(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """sklearn ``cosine_distances(X, Y)`` for dense inputs (see the module docstring)."""
     def _norm(A):
         A = A.copy()
         n = np.sqrt(_row_norms_sq(A))
@@ -298,25 +267,6 @@ def _cosine(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     S *= -1
     S += 1
     return np.clip(S, 0.0, 2.0)
-
-
-def discrimination(
-    delta_real: np.ndarray, delta_pred: np.ndarray, perts: Sequence[str], genes: Sequence[str], metric: str
-) -> np.ndarray:
-    """PDS with ``metric`` in ``l2``/``cosine`` (``l1`` lives in ``_metrics``): same rank rule, target excluded."""
-    perts = np.asarray(perts, dtype=str)
-    genes = np.asarray(genes, dtype=str)
-    out = np.empty(perts.size)
-    for i, p in enumerate(perts):
-        keep = np.flatnonzero(genes != p)
-        R = np.ascontiguousarray(delta_real[:, keep])
-        q = np.ascontiguousarray(delta_pred[i, keep].reshape(1, -1))
-        if R.dtype != q.dtype:
-            R, q = R.astype(np.float64), q.astype(np.float64)
-        dist = (euclidean(R, q) if metric == "l2" else _cosine(R, q)).ravel()
-        rank = int(np.flatnonzero(np.argsort(dist) == i)[0])
-        out[i] = 1 - rank / perts.size
-    return out
 
 
 def _dense(M) -> np.ndarray:

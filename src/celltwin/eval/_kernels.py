@@ -31,19 +31,19 @@ import numba as nb
 import numpy as np
 
 __all__ = [
-    "csr_block",
-    "dense_block",
-    "mwu_block",
-    "means_block",
-    "expm1_rows",
-    "lfc_pc_rows",
-    "bh_rows",
     "bh_flat",
+    "bh_rows",
+    "csr_block",
+    "csr_dense_block",
+    "dense_block",
+    "expm1_rows",
+    "legacy_block",
+    "lfc_pc_rows",
+    "means_block",
+    "mwu_block",
     "mwu_pvalue",
     "pairwise_sum",
     "pairwise_sum_sparse",
-    "csr_dense_block",
-    "legacy_block",
 ]
 
 
@@ -475,6 +475,49 @@ def lfc_pc_rows(target: np.ndarray, ref: np.ndarray, epsilon: float = 0.0) -> tu
 
 
 @nb.njit(cache=True)
+def _argsort_nan_last(x):
+    """Stable ascending argsort of a 1-D float array, NaN last (bottom-up merge sort).
+
+    Why not ``np.argsort``: numba names the helpers of its sort implementations after the
+    factory that builds them plus a per-process counter, so the argsort helper compiled in
+    one process and the sort helper (``mwu_block``'s ``cvals.sort()``) compiled in another
+    can carry the *same* symbol name; a process that loads both from the on-disk cache links
+    one in place of the other (wrong p-values, or a segfault). Seen here with caches written
+    by concurrent processes. A sort of our own has a name no other function shares.
+    """
+    n = x.shape[0]
+    idx = np.arange(n)
+    tmp = np.empty(n, dtype=np.int64)
+    width = 1
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                a, b = x[idx[i]], x[idx[j]]
+                # take from the right only when strictly smaller (stable); NaN sorts last
+                if (not np.isnan(b)) and (np.isnan(a) or b < a):
+                    tmp[k] = idx[j]
+                    j += 1
+                else:
+                    tmp[k] = idx[i]
+                    i += 1
+                k += 1
+            while i < mid:
+                tmp[k] = idx[i]
+                i += 1
+                k += 1
+            while j < hi:
+                tmp[k] = idx[j]
+                j += 1
+                k += 1
+        idx, tmp = tmp, idx
+        width *= 2
+    return idx
+
+
+@nb.njit(cache=True)
 def bh_flat(p):
     """Benjamini-Hochberg adjusted p-values of a 1-D array (scipy ``false_discovery_control``).
 
@@ -486,7 +529,7 @@ def bh_flat(p):
     out = np.empty(m, dtype=np.float64)
     if m == 0:
         return out
-    order = np.argsort(p)
+    order = _argsort_nan_last(p)
     run = np.inf
     for k in range(m - 1, -1, -1):
         q = p[order[k]] * (m / (k + 1.0))

@@ -1,9 +1,9 @@
 """Loading, validation and normalisation of the two evaluation files.
 
-This module turns a ``.h5ad`` path (or an in-memory AnnData) into an :class:`EvalMatrix`: a CSR or
-dense expression matrix in log1p space, the per-cell perturbation labels and the gene names.
-Every rule below mirrors what cell-eval 0.8.2 does to its inputs before computing metrics, so the
-metrics see bit-identical values.
+This module states, as whole-matrix functions, the rules by which the evaluator reads its inputs;
+:mod:`celltwin.eval._sides` applies the same rules to files streamed row block by row block
+(tests check the two bit for bit). Every rule below mirrors what cell-eval 0.8.2 does to its
+inputs before computing metrics, so the metrics see bit-identical values.
 
 Scale detection (per file, independently; cell-eval ``guess_is_lognorm``)
     A file is *counts* when no stored value has a fractional part ``> 1e-3`` (``np.modf``), looking
@@ -29,7 +29,6 @@ Checks that cell-eval does not do (each a one-line :class:`~celltwin.errors.Inpu
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,37 +38,27 @@ import scipy.sparse as sp
 from celltwin.errors import InputError
 
 __all__ = [
-    "EvalMatrix",
     "FRACTION_EPS",
     "LOG_MAX",
-    "read_h5ad",
+    "ValueScan",
+    "cell_eval_normlog",
+    "csr_factors",
     "is_counts",
     "normalize_log1p",
-    "prepare",
+    "read_h5ad",
+    "row_totals",
 ]
 
 FRACTION_EPS = 1e-3  # a value whose fractional part exceeds this marks a log-normalised file
 LOG_MAX = 15.0  # log-normalised values must be < LOG_MAX (cell-eval's validation threshold)
 
 
-@dataclass
-class EvalMatrix:
-    """One side of an evaluation: log1p expression, labels and genes.
-
-    ``X`` is ``(n_cells, n_genes)``, CSR (``scipy.sparse.csr_matrix``) or a C-contiguous ndarray, float32
-    or float64. ``labels`` is a ``(n_cells,)`` array of ``str``. ``was_counts`` records whether the file
-    held counts (and was normalised here).
-    """
-
-    X: Any
-    labels: np.ndarray
-    genes: np.ndarray
-    name: str
-    was_counts: bool
-
-
 def read_h5ad(path: str | os.PathLike[str]):
-    """Read an ``.h5ad`` file fully into memory, turning any read failure into an :class:`InputError`."""
+    """Read an ``.h5ad`` file fully into memory, turning any read failure into an :class:`InputError`.
+
+    celltwin's one in-memory ``.h5ad`` reader (``celltwin eval``'s rules, ``prep`` / ``baseline`` /
+    ``score --train``); lazy row reads go through :class:`celltwin.data.source.H5adSource`.
+    """
     import anndata as ad
 
     p = Path(path)
@@ -78,7 +67,7 @@ def read_h5ad(path: str | os.PathLike[str]):
         raise InputError(msg)
     try:
         return ad.read_h5ad(p)
-    except Exception as e:  # h5py/anndata raise many types for truncated or foreign files
+    except Exception as e:  # noqa: BLE001 - h5py/anndata raise many types for truncated or foreign files
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         msg = (
             f"{p}: not a readable .h5ad file (expected an AnnData HDF5 file; got {type(e).__name__}: {first})"
@@ -86,59 +75,104 @@ def read_h5ad(path: str | os.PathLike[str]):
         raise InputError(msg) from None
 
 
+class ValueScan:
+    """The input rule, applied to the stored values of a matrix one block at a time.
+
+    ``ValueScan(dtype, name)`` refuses a float16 or non-numeric dtype at once; ``update(values)``
+    takes each block's stored values (any shape; sparse matrices: ``X.data`` only); ``finish()``
+    raises the first failed check (non-finite values, then negative values, then a mix of counts
+    and log values) as a one-line :class:`InputError` naming ``name``, and returns whether the
+    matrix holds counts (no stored value with a fractional part ``> 1e-3``, compared in the
+    matrix's dtype; integer dtypes always count as counts). ``finish(check_log_max=False)`` skips
+    the mix check (``celltwin prep --allow-discrete``: fractional values of any size are taken as
+    log values). The whole-matrix :func:`is_counts` and
+    the streamed readers (:mod:`celltwin.eval._sides`, ``celltwin prep``, ``celltwin baseline``)
+    all go through this class, so the rule exists once.
+    """
+
+    def __init__(self, dtype: np.dtype, name: str) -> None:
+        dtype = np.dtype(dtype)
+        if dtype == np.float16:
+            msg = f"{name}: X dtype is float16 (expected float32, float64 or an integer dtype; convert with X.astype('float32'))"
+            raise InputError(msg)
+        if dtype.kind not in "fiu":
+            msg = f"{name}: X dtype is {dtype} (expected a numeric dtype)"
+            raise InputError(msg)
+        self.dtype, self.name = dtype, name
+        self.n_bad, self.first_bad, self.vmin, self.vmax, self.fraction = 0, None, None, -np.inf, False
+
+    def update(self, values: np.ndarray) -> None:
+        from celltwin.eval._rowops import has_fraction, scan_finite
+
+        flat = np.ascontiguousarray(values).reshape(-1)
+        if flat.size == 0:
+            return
+        if self.dtype.kind == "f":
+            bad, first, vlo = scan_finite(flat)  # one pass, no nnz-sized temporaries
+            if bad and self.first_bad is None:
+                self.first_bad = flat[first]
+            self.n_bad += int(bad)
+            vlo = self.dtype.type(vlo)
+            if not self.fraction and not bad:
+                # np.modf(v)[0] > 1e-3 in the array's dtype, stopping at the first fractional value
+                self.fraction = bool(has_fraction(flat, self.dtype.type(FRACTION_EPS)))
+        else:
+            vlo = flat.min()
+        self.vmin = vlo if self.vmin is None or vlo < self.vmin else self.vmin
+        self.vmax = max(self.vmax, float(flat.max()))
+
+    def finish(self, check_log_max: bool = True) -> bool:
+        name = self.name
+        if self.n_bad:
+            msg = f"{name}: X contains {self.n_bad} non-finite value(s) (expected finite values; found {self.first_bad})"
+            raise InputError(msg)
+        if self.vmin is not None and self.vmin < 0:
+            msg = f"{name}: X contains negative values (expected counts or log1p values >= 0; min is {self.vmin})"
+            raise InputError(msg)
+        if self.dtype.kind in "iu" or not self.fraction:
+            return True
+        if check_log_max and self.vmax >= LOG_MAX:
+            msg = (
+                f"{name}: X mixes counts and log values (fractional values present, so expected log1p values "
+                f"< {LOG_MAX:g}; max is {self.vmax:g})"
+            )
+            raise InputError(msg)
+        return False
+
+
 def _stored_values(X: Any) -> np.ndarray:
     return X.data if sp.issparse(X) else np.asarray(X)
 
 
-def _check_values(X: Any, name: str) -> None:
-    """Reject float16, NaN/inf and negative values (stored entries only for sparse matrices)."""
-    vals = _stored_values(X)
-    if vals.dtype == np.float16:
-        msg = f"{name}: X dtype is float16 (expected float32, float64 or an integer dtype; convert with X.astype('float32'))"
-        raise InputError(msg)
-    if vals.dtype.kind not in "fiu":
-        msg = f"{name}: X dtype is {vals.dtype} (expected a numeric dtype)"
-        raise InputError(msg)
-    if vals.size == 0:
-        return
-    flat = vals.reshape(-1)
-    if flat.dtype.kind == "f":
-        from celltwin.eval._rowops import scan_finite
+def is_counts(X: Any, name: str = "X", *, check_log_max: bool = True) -> bool:
+    """Whether ``X`` holds counts by the input rule of :class:`ValueScan` (its checks included).
 
-        n_bad, first, vmin = scan_finite(flat)  # one pass, no nnz-sized temporaries
-        if n_bad:
-            msg = f"{name}: X contains {n_bad} non-finite value(s) (expected finite values; found {flat[first]})"
-            raise InputError(msg)
-        vmin = flat.dtype.type(vmin)
-    else:
-        vmin = flat.min()
-    if vmin < 0:
-        msg = f"{name}: X contains negative values (expected counts or log1p values >= 0; min is {vmin})"
-        raise InputError(msg)
-
-
-def is_counts(X: Any, name: str = "X") -> bool:
-    """True when no stored value has a fractional part ``> 1e-3`` (cell-eval's integer-count detection).
-
-    For a fractional (log-normalised) matrix, also check the cell-eval range ``[0, 15)`` and raise an
-    :class:`InputError` for a mix of counts and log values. Call after :func:`_check_values`.
+    ``check_log_max=False`` skips the "log values below 15" check (``--allow-discrete``). A missing
+    X (``None``) is an :class:`InputError` naming ``name``.
     """
-    vals = _stored_values(X)
-    if vals.dtype.kind in "iu" or vals.size == 0:
-        return True
-    from celltwin.eval._rowops import has_fraction
-
-    # np.modf(v)[0] > 1e-3 evaluated in the array's dtype, stopping at the first fractional value
-    if not has_fraction(vals.reshape(-1), vals.dtype.type(FRACTION_EPS)):
-        return True
-    vmax = float(vals.max())
-    if vmax >= LOG_MAX:
-        msg = (
-            f"{name}: X mixes counts and log values (fractional values present, so expected log1p values "
-            f"< {LOG_MAX:g}; max is {vmax:g})"
-        )
+    if X is None:
+        msg = f"{name}: X is missing (None); expected a cells x genes matrix"
         raise InputError(msg)
-    return False
+    vals = _stored_values(X)
+    scan = ValueScan(vals.dtype, name)
+    scan.update(vals)
+    return scan.finish(check_log_max=check_log_max)
+
+
+def row_totals(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Per-row sums of CSR ``data`` accumulated in float64 (scanpy's per-cell totals; exact for counts)."""
+    nonempty = np.diff(indptr) > 0
+    out = np.zeros(indptr.size - 1, dtype=np.float64)
+    if data.size:
+        out[nonempty] = np.add.reduceat(data, indptr[:-1][nonempty], dtype=np.float64)
+    return out
+
+
+def csr_factors(totals: np.ndarray) -> np.ndarray:
+    """Per-cell divisors ``total / median(totals)`` of scanpy's CSR rule (the median over *all*
+    cells, zero-count cells included; a zero factor becomes 1, so empty cells stay zero)."""
+    factor = totals / np.median(totals)
+    return factor + (factor == 0)
 
 
 def _divide_rows(indptr: np.ndarray, data: np.ndarray, factor: np.ndarray) -> None:
@@ -159,15 +193,7 @@ def normalize_log1p(X: Any) -> Any:
             X = X.astype(np.float32)
         data = X.data
         # Row totals accumulated in float64, stored in the file's dtype (scanpy's numba loop).
-        nnz_rows = np.diff(X.indptr)
-        nonempty = nnz_rows > 0
-        totals64 = np.zeros(X.shape[0], dtype=np.float64)
-        if data.size:
-            totals64[nonempty] = np.add.reduceat(data, X.indptr[:-1][nonempty], dtype=np.float64)
-        totals = totals64.astype(data.dtype)
-        target = np.median(totals)  # CSR rule: median over all cells, zero-count cells included
-        factor = totals / target
-        factor = factor + (factor == 0)
+        factor = csr_factors(row_totals(data, X.indptr).astype(data.dtype))
         _divide_rows(X.indptr, data, factor)
         np.log1p(data, out=data)
         return X
@@ -183,6 +209,22 @@ def normalize_log1p(X: Any) -> Any:
     np.true_divide(X, factor[:, None], out=X)
     np.log1p(X, out=X)
     return X
+
+
+def cell_eval_normlog(adata, *, allow_discrete: bool = False, source: str | None = None) -> bool:
+    """Log-normalise ``adata.X`` in place when it holds counts; return whether it did.
+
+    cell-eval's ``_convert_to_normlog`` (``prep``, ``baseline``) by the input rule of
+    :func:`is_counts` (``source`` names the data in its errors): counts become
+    :func:`normalize_log1p` of X and ``uns["log1p"] = {"base": None}`` is set, as scanpy does.
+    Log-normalised data is left alone; with ``allow_discrete`` counts are left alone too and the
+    "log values below 15" check is skipped.
+    """
+    if not is_counts(adata.X, source or "input", check_log_max=not allow_discrete) or allow_discrete:
+        return False
+    adata.X = normalize_log1p(adata.X)
+    adata.uns["log1p"] = {"base": None}
+    return True
 
 
 def _labels(adata, pert_col: str, name: str) -> np.ndarray:
@@ -201,42 +243,3 @@ def _labels(adata, pert_col: str, name: str) -> np.ndarray:
         )
         raise InputError(msg)
     return labels
-
-
-def prepare(adata, *, pert_col: str, control: str, name: str) -> EvalMatrix:
-    """Validate one AnnData and return its log1p :class:`EvalMatrix` (``adata.X`` may be modified in place)."""
-    X = adata.X
-    if X is None:
-        msg = f"{name}: X is missing (expected a cells x genes expression matrix)"
-        raise InputError(msg)
-    if not (sp.issparse(X) or isinstance(X, np.ndarray)):
-        try:
-            X = np.asarray(X)
-        except Exception:
-            msg = f"{name}: X has unsupported type {type(X).__name__} (expected a numpy array or CSR matrix)"
-            raise InputError(msg) from None
-    if X.shape[0] == 0 or X.shape[1] == 0:
-        msg = f"{name}: X is empty (shape {X.shape}; expected at least one cell and one gene)"
-        raise InputError(msg)
-    genes = np.asarray(adata.var_names.astype(str))
-    uniq, counts = np.unique(genes, return_counts=True)
-    if (counts > 1).any():
-        dup = uniq[counts > 1]
-        msg = f"{name}: var_names has {dup.size} duplicated gene name(s) (expected unique names; e.g. {dup[0]!r})"
-        raise InputError(msg)
-    labels = _labels(adata, pert_col, name)
-    if not (labels == control).any():
-        present = ", ".join(np.unique(labels)[:5])
-        msg = f"{name}: control label {control!r} not found in obs[{pert_col!r}] (labels include: {present})"
-        raise InputError(msg)
-    _check_values(X, name)
-    counts_file = is_counts(X, name)
-    if counts_file:
-        X = normalize_log1p(X)
-    elif sp.issparse(X) and X.format != "csr":
-        X = X.tocsr()
-    elif not sp.issparse(X):
-        X = np.ascontiguousarray(X)
-    if sp.issparse(X) and not isinstance(X, sp.csr_matrix):
-        X = sp.csr_matrix(X)
-    return EvalMatrix(X=X, labels=labels, genes=genes, name=name, was_counts=counts_file)

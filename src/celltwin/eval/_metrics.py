@@ -1,6 +1,9 @@
 """Array kernels of the VCC metrics (pure numpy/scipy; no AnnData).
 
-Each function documents the exact rule of cell-eval 0.8.2 it reproduces.
+Each function documents the exact rule of cell-eval 0.8.2 it reproduces. The kernels of the three
+VCC metrics also compute their ``full``-profile relatives (``mse``, the ``_delta`` errors, PDS
+``l2`` / ``cosine``, ``overlap_at_k`` / ``precision_at_k``); the rest of ``full`` is in
+:mod:`celltwin.eval._full`.
 
 Pseudobulks (cell-eval ``PerturbationAnndataPair._bulk_anndata``)
     The mean of every gene over the cells of each label, *including* the control label. The sum is
@@ -13,18 +16,18 @@ Deltas
     the predicted deltas each use their own file's control cells (unless the caller substitutes the
     real controls, see ``control_source``).
 
-MAE (``mae``)
+MAE (``mae``, :func:`mean_error`)
     ``mean(|pseudobulk_pred[pert] - pseudobulk_real[pert]|)`` over all genes, on the pseudobulks
     themselves (not the deltas), in numpy's promotion of the two dtypes (float32 if both are).
 
-PDS (``discrimination_score_l1``)
+PDS (``discrimination_score_l1``, :func:`discrimination`)
     For perturbation ``p``: the L1 (``scipy.spatial.distance.cdist(..., "cityblock")``, float64)
     distances between the predicted delta of ``p`` and the real delta of every perturbation, over the
     genes whose *name* differs from ``p`` (a perturbation that is not a gene name excludes nothing);
     ``rank`` = position of ``p`` in ``np.argsort(distances)`` (numpy's default sort, so ties keep
     numpy's order); score = ``1 - rank / P``, ``P`` = number of non-control perturbations.
 
-DES (``overlap_at_N``; cell-eval ``DEComparison.compute_overlap`` with ``k=None``)
+DES (``overlap_at_N``; cell-eval ``DEComparison.compute_overlap`` with ``k=None``; :func:`overlap_k`)
     On each DE table, ``fdr`` and ``log2_fold_change`` are cast to float32 and genes with
     ``fdr < 0.05`` are kept; they are ranked by ``|lfc|`` descending with NaN first, then +inf, then
     finite values, ties broken by the table's row order (gene order). With ``n`` = the number of
@@ -48,15 +51,15 @@ import numpy as np
 import scipy.sparse as sp
 
 __all__ = [
-    "FDR_THRESHOLD",
-    "pseudobulk",
-    "mae",
-    "discrimination_l1",
-    "rank_significant",
-    "overlap_at_n",
-    "describe",
     "DESCRIBE_ROWS",
+    "FDR_THRESHOLD",
     "category_codes",
+    "describe",
+    "discrimination",
+    "mean_error",
+    "overlap_k",
+    "pseudobulk",
+    "rank_significant",
     "take_strings",
 ]
 
@@ -67,10 +70,12 @@ _DENSE_CHUNK = 4096  # rows per float64 block when summing a dense matrix
 
 
 def pseudobulk(X: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Mean of each group's rows, ``(n_groups, n_genes)`` in ``X``'s dtype (float64 accumulation).
+    """Mean of each group's rows, ``(n_groups, n_genes)`` in ``X``'s float dtype (float64 accumulation).
 
     ``X`` is ``(n_cells, n_genes)`` CSR or dense; ``codes`` is ``(n_cells,)`` int with values in
-    ``[0, n_groups)`` (``-1`` = ignore the row). Never densifies a sparse ``X``.
+    ``[0, n_groups)`` (``-1`` = ignore the row). Never densifies a sparse ``X``. Float32 input gives
+    float32 means (polars' ``group_by().mean()``, which cell-eval uses, accumulates in float64 and
+    returns the column dtype); integer input gives float64.
     """
     n_genes = X.shape[1]
     codes = np.asarray(codes, dtype=np.int64)
@@ -80,10 +85,8 @@ def pseudobulk(X: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
 
         X = X.tocsr()
         sums = group_sums_csr(X.indptr, X.indices, X.data, codes, n_groups, n_genes)
-        dtype = X.dtype
     else:
         X = np.asarray(X)
-        dtype = X.dtype
         sums = np.zeros((n_groups, n_genes), dtype=np.float64)
         order = np.argsort(codes, kind="stable")
         bounds = np.searchsorted(codes[order], np.arange(n_groups + 1))
@@ -93,27 +96,33 @@ def pseudobulk(X: Any, codes: np.ndarray, n_groups: int) -> np.ndarray:
                 sums[g] += X[rows[s : s + _DENSE_CHUNK]].sum(axis=0, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / sizes[:, None]
-    return means.astype(dtype)
+    return means.astype(X.dtype if X.dtype.kind == "f" else np.float64)
 
 
-def mae(bulk_pred: np.ndarray, bulk_real: np.ndarray) -> np.ndarray:
-    """Per-row mean absolute error of two ``(P, G)`` pseudobulk matrices -> ``(P,)`` float64.
+def mean_error(pred: np.ndarray, real: np.ndarray, kind: str = "mae") -> np.ndarray:
+    """Per-row ``mean(|real - pred|)`` (``kind="mae"``) or ``mean((real - pred)**2)`` (``"mse"``) of two
+    ``(P, G)`` matrices -> ``(P,)`` float64.
 
-    Each row is reduced exactly as sklearn's ``mean_absolute_error`` does on 1-D inputs
-    (``np.mean`` of the absolute differences in the promoted dtype).
+    Each row is reduced exactly as sklearn's ``mean_absolute_error`` / ``mean_squared_error`` do on
+    1-D inputs (``np.mean`` in the promoted dtype). ``mae`` / ``mse`` on the pseudobulks, their
+    ``_delta`` variants on the deltas.
     """
-    out = np.empty(bulk_pred.shape[0], dtype=np.float64)
-    for i in range(bulk_pred.shape[0]):
-        out[i] = float(np.mean(np.abs(bulk_real[i] - bulk_pred[i])))
+    out = np.empty(pred.shape[0], dtype=np.float64)
+    for i in range(out.size):
+        d = real[i] - pred[i]
+        out[i] = float(np.mean(np.abs(d) if kind == "mae" else d**2))
     return out
 
 
-def discrimination_l1(
-    delta_real: np.ndarray, delta_pred: np.ndarray, perts: Sequence[str], genes: Sequence[str]
+def discrimination(
+    delta_real: np.ndarray, delta_pred: np.ndarray, perts: Sequence[str], genes: Sequence[str], metric: str = "l1"
 ) -> np.ndarray:
-    """PDS with L1 distance, target gene excluded by name -> ``(P,)`` float64 in ``[1/P, 1]``.
+    """PDS (``discrimination_score_{metric}``), target gene excluded by name -> ``(P,)`` float64 in ``[1/P, 1]``.
 
-    ``delta_real`` and ``delta_pred`` are ``(P, G)``, row ``i`` belonging to ``perts[i]``.
+    ``delta_real`` and ``delta_pred`` are ``(P, G)``, row ``i`` belonging to ``perts[i]``. ``metric``:
+    ``"l1"`` (scipy ``cdist(..., "cityblock")`` in float64, see the module docstring), ``"l2"`` or
+    ``"cosine"`` (sklearn's dense arithmetic, :func:`celltwin.eval._full.euclidean`); the same rank
+    rule for all three. Pass gene names that match no perturbation (e.g. ``""``) to exclude nothing.
     """
     from scipy.spatial.distance import cdist
 
@@ -123,7 +132,16 @@ def discrimination_l1(
     out = np.empty(n, dtype=np.float64)
     for i, p in enumerate(perts):
         keep = np.flatnonzero(genes != p)
-        dist = cdist(delta_real[:, keep], delta_pred[i, keep].reshape(1, -1), "cityblock").ravel()
+        R = np.ascontiguousarray(delta_real[:, keep])
+        q = np.ascontiguousarray(delta_pred[i, keep].reshape(1, -1))
+        if R.dtype != q.dtype:
+            R, q = R.astype(np.float64), q.astype(np.float64)
+        if metric == "l1":
+            dist = cdist(R, q, "cityblock").ravel()
+        else:
+            from celltwin.eval._full import cosine, euclidean
+
+            dist = (euclidean(R, q) if metric == "l2" else cosine(R, q)).ravel()
         rank = int(np.flatnonzero(np.argsort(dist) == i)[0])
         out[i] = 1 - rank / n
     return out
@@ -190,21 +208,24 @@ def take_strings(values, rows: np.ndarray) -> np.ndarray:
     return np.asarray(values)[rows].astype(str)
 
 
-def overlap_at_n(
-    real_ranked: dict[str, np.ndarray], pred_ranked: dict[str, np.ndarray], perts: Sequence[str]
+def overlap_k(
+    real_ranked: dict, pred_ranked: dict, perts: Sequence[str], k: int | None, metric: str
 ) -> np.ndarray:
-    """DES (``overlap_at_N``) per perturbation -> ``(P,)`` float64 (see module docstring)."""
-    any_real = any(v.size for v in real_ranked.values())
-    any_pred = any(v.size for v in pred_ranked.values())
+    """``overlap_at_k`` / ``precision_at_k`` (cell-eval ``compute_overlap``).
+
+    ``overlap``: ``n = min(k or |real|, |real|)``; ``precision``: ``n = min(k or |pred|, |pred|)``;
+    score ``|real[:n] & pred[:n]| / n`` on the ranked significant lists (0 when ``n == 0``, and 0
+    everywhere when one side has no significant gene at all).
+    """
     out = np.zeros(len(perts), dtype=np.float64)
-    if not (any_real and any_pred):
+    if not (any(v.size for v in real_ranked.values()) and any(v.size for v in pred_ranked.values())):
         return out
     for i, p in enumerate(perts):
         real, pred = real_ranked[str(p)], pred_ranked[str(p)]
-        k = real.size
-        if k == 0:
-            continue
-        out[i] = np.intersect1d(real[:k], pred[:k]).size / k
+        base = real.size if metric == "overlap" else pred.size
+        n = min(k if k else base, base)
+        if n:
+            out[i] = np.intersect1d(real[:n], pred[:n]).size / n
     return out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from celltwin.eval._kernels import guard_numba_cache
 
-__all__ = ["divide_rows", "group_sums_csr", "scan_finite", "has_fraction"]
+__all__ = ["divide_rows", "group_sums_csr", "has_fraction", "scan_finite"]
 
 
 @numba.njit(cache=True, nogil=True)

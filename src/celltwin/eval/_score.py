@@ -17,30 +17,15 @@ Rules (cell-eval ``score_agg_metrics``):
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from celltwin.errors import InputError
+from celltwin.eval._registry import BEST_ONE, BEST_ZERO  # the directions, defined once
 
-__all__ = ["score", "BEST_ZERO", "BEST_ONE"]
-
-BEST_ZERO = frozenset({"mse", "mae", "mse_delta", "mae_delta"})
-BEST_ONE = frozenset(
-    {
-        "pearson_delta",
-        "pearson_edistance",
-        "clustering_agreement",
-        "de_spearman_sig",
-        "de_direction_match",
-        "de_spearman_lfc_sig",
-        "de_sig_genes_recall",
-        "pr_auc",
-        "roc_auc",
-    }
-    | {f"discrimination_score_{m}" for m in ("l1", "l2", "cosine")}
-    | {f"{kind}_at_{n}" for kind in ("overlap", "precision") for n in ("N", "50", "100", "200", "500")}
-)
+__all__ = ["BEST_ONE", "BEST_ZERO", "VccScore", "score", "score_vs_vcc_baseline"]
 
 
 def _read(obj: Any, which: str):
@@ -49,7 +34,7 @@ def _read(obj: Any, which: str):
     if isinstance(obj, (str, os.PathLike)):
         try:
             return pd.read_csv(obj)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - pandas raises many types for a foreign file
             msg = f"{obj}: not a readable CSV ({type(e).__name__}; expected an agg_results.csv)"
             raise InputError(msg) from None
     if hasattr(obj, "to_pandas"):
@@ -102,3 +87,63 @@ def score(agg: Any, baseline_agg: Any, *, statistic: str = "mean"):
     names = [metrics[i] for i in zero] + [metrics[i] for i in one]
     avg = float(scores.mean()) if scores.size else float("nan")
     return pd.DataFrame({"metric": names + ["avg_score"], "from_baseline": np.concatenate([scores, [avg]])})
+
+
+# --------------------------------------------------------------------------- against the VCC baseline
+@dataclass
+class VccScore:
+    """What :func:`score_vs_vcc_baseline` computed.
+
+    ``table``: pandas DataFrame with columns ``metric``, ``model``, :data:`~celltwin.eval._baseline.VCC_BASELINE_NAME`
+    (the metric means of both) and ``from_baseline`` (:func:`score`'s rows, ``avg_score`` last).
+    ``model_agg`` / ``baseline_agg``: the two ``agg_results`` tables; ``baseline``: the baseline
+    AnnData (:func:`celltwin.eval._baseline.vcc_baseline`); ``counts``: its cells per perturbation (the real ones).
+    """
+
+    table: Any
+    model_agg: Any
+    baseline_agg: Any
+    baseline: Any
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def score_vs_vcc_baseline(real: Any, train: Any, *, pred: Any = None, agg: Any = None, config: Any = None,
+                          allow_discrete: bool = False) -> VccScore:
+    """The VCC-normalised score of a model in one call: cell-eval's baseline is built here.
+
+    Builds the VCC baseline (cell-eval's cell-mean baseline, :func:`celltwin.eval._baseline.vcc_baseline`) from
+    ``train`` (AnnData or ``.h5ad``: the training cells, controls included) with the cells per
+    perturbation of ``real``, evaluates it against ``real`` with ``config`` (an
+    :class:`~celltwin.eval.EvalConfig`; its ``pert_col`` / ``control`` name the columns of all three),
+    evaluates ``pred`` against ``real`` the same way (reusing the real DE table) unless the model's
+    ``agg`` table is given instead, and scores the model against the baseline (:func:`score`). The
+    result equals ``celltwin baseline -a TRAIN -c COUNTS``, ``celltwin eval`` of both files and
+    ``celltwin score -i MODEL_AGG -I BASELINE_AGG``.
+    """
+    import pandas as pd
+
+    from celltwin.eval._baseline import VCC_BASELINE_NAME, vcc_baseline
+    from celltwin.eval._evaluate import EvalConfig, evaluate
+
+    if (pred is None) == (agg is None):
+        raise InputError("score: give the model's prediction (pred) or its agg_results table (agg), not both")
+    cfg = config if config is not None else EvalConfig(cache_dir=None)
+    base, counts = vcc_baseline(train, real, pert_col=cfg.pert_col, control_pert=cfg.control,
+                                allow_discrete=allow_discrete)
+    base_res = evaluate(base, real, config=cfg)
+    if pred is not None:
+        model_agg = evaluate(pred, real, config=cfg, de_real=base_res.de_real).agg
+    else:
+        model_agg = _read(agg, "user")
+    b_agg = base_res.agg
+    table = score(model_agg, b_agg)
+    mean_u = _read(model_agg, "user").set_index("statistic").loc["mean"]
+    mean_b = b_agg.set_index("statistic").loc["mean"]
+    if isinstance(mean_u, pd.DataFrame):  # several 'mean' rows: score() uses the first
+        mean_u = mean_u.iloc[0]
+    names = table["metric"].tolist()
+    model_vals = [float(mean_u[m]) if m in mean_u.index else np.nan for m in names]
+    base_vals = [float(mean_b[m]) if m in mean_b.index else np.nan for m in names]
+    out = pd.DataFrame({"metric": names, "model": model_vals, VCC_BASELINE_NAME: base_vals,
+                        "from_baseline": table["from_baseline"].to_numpy()})
+    return VccScore(table=out, model_agg=model_agg, baseline_agg=b_agg, baseline=base, counts=counts)

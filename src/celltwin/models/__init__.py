@@ -1,12 +1,48 @@
-"""Torch models of celltwin (importing this package imports torch).
+"""The neural models (torch). Importing this package is cheap: each name below loads its module on first use.
 
-* :mod:`celltwin.models.state_transition`: the State Transition model (ST), a set-to-set
-  transformer mapping a set of control cells and a perturbation to the perturbed set.
-* :mod:`celltwin.models.st_runner`: train/predict glue for the model registry (``state``).
+Notebook classes (scvi-tools style; see :mod:`celltwin.api`):
+
+* :class:`STModel` / :class:`STSEModel` (``st_api``): the State Transition model on expression /
+  on State Embedding cells; :class:`SEModel` (``se_api``): the State Embedding model.
+
+The ST model, by job:
+
+* ``state_transition``: the torch module (:class:`StateTransition`, :class:`STConfig`, ``PRESETS``);
+* ``st_options``: :class:`StateOptions`, its typed options (standard library only);
+* ``st_train``: training for the registry (``state`` / ``state-se``), ``st_data``: what a set reads;
+* ``st_predict``: loading a run and predicting (:class:`StatePredictor`);
+* ``st_se_bridge``: run-space cells -> SE embeddings (:class:`SEBridge`).
+
+The SE model: ``state_embedding`` (torch module), ``se_options`` (:class:`SEOptions`), ``se_runner``
+(fit / transform).
 """
 
 from __future__ import annotations
 
-from celltwin.models.state_transition import PRESETS, STConfig, StateTransition, sample_counts
+import importlib
+from typing import Any
 
-__all__ = ["STConfig", "StateTransition", "PRESETS", "sample_counts"]
+__all__ = ["PRESETS", "SEModel", "SEOptions", "STConfig", "STModel", "STSEModel", "StateOptions",
+           "StateTransition", "sample_counts"]
+
+_LAZY = {
+    "STConfig": "celltwin.models.state_transition",
+    "StateTransition": "celltwin.models.state_transition",
+    "PRESETS": "celltwin.models.state_transition",
+    "sample_counts": "celltwin.data.preprocess",
+    "StateOptions": "celltwin.models.st_options",
+    "SEOptions": "celltwin.models.se_options",
+    "STModel": "celltwin.models.st_api",
+    "STSEModel": "celltwin.models.st_api",
+    "SEModel": "celltwin.models.se_api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'celltwin.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

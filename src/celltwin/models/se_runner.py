@@ -4,13 +4,17 @@
   the gene vectors (a table aligned through HGNC, or learned vectors when no table is given),
   and trains :class:`~celltwin.models.state_embedding.StateEmbeddingModel` with the shared
   loop (:func:`celltwin.train.fit`: DDP, resume, checkpoints, metrics). The run directory
-  gets the model files of ``save_pretrained`` plus ``run.json`` and the loop's
-  ``checkpoints/`` and ``metrics.csv``. Re-running the same fit resumes from the checkpoint
+  gets the model files of ``save_pretrained`` plus ``run.json`` (with the provenance of
+  :func:`celltwin._provenance.run_provenance`) and the loop's ``checkpoints/``, ``metrics.csv``
+  and ``loss.png``. Re-running the same fit resumes from the checkpoint
   exactly (batches are a function of ``(seed, epoch, rank)``, the model's random masks come from
   the torch RNG the loop checkpoints); a checkpoint of a different fit (other data file, cells,
   preprocessing, gene vectors or options: :func:`_fit_fingerprint`) is refused.
 * :func:`transform` embeds every cell of an ``.h5ad`` in batches (rows read lazily) and writes
-  ``obsm[EMBED_KEY]`` to a new file, atomically.
+  ``obsm[EMBED_KEY]`` to a new file, atomically; :func:`embed_cells` is its loop (also used by
+  ``SEModel.get_latent_representation`` on an in-memory AnnData).
+* :func:`fit_se`: a fit from :class:`~celltwin.models.se_options.SEOptions` (the command and
+  ``SEModel.train`` build their configurations the same way).
 
 Model space: the shared rule of :mod:`celltwin.data.preprocess` (counts ->
 ``log1p(normalize_total(x, T))`` with T the median library size of the training cells, totals
@@ -39,7 +43,7 @@ from celltwin.data.dataset import check_values
 from celltwin.errors import ConfigError, InputError
 from celltwin.models.state_embedding import StateEmbeddingConfig, StateEmbeddingModel
 
-__all__ = ["SEFitResult", "fit_state_embedding", "transform", "embed_rows", "MODEL_NAME"]
+__all__ = ["MODEL_NAME", "SEFitResult", "embed_cells", "embed_rows", "fit_se", "fit_state_embedding", "transform"]
 
 MODEL_NAME = "state_embedding"
 
@@ -264,9 +268,12 @@ def fit_state_embedding(
     ``gene_dim`` is only used without a gene table; ``n_top_genes`` restricts the vocabulary to
     the highly variable genes of the training cells. ``log`` receives human-readable notes.
     """
+    from celltwin._provenance import utc_now
     from celltwin.data.preprocess import fit_preprocessing
     from celltwin.data.source import open_source
     from celltwin.train import fit, init_distributed, seed_everything
+
+    started_at = utc_now()
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
@@ -346,6 +353,13 @@ def fit_state_embedding(
             "precision": res.precision,
             "last_losses": res.last_losses,
         }
+        from celltwin._provenance import run_provenance
+
+        files = ([("data", os.fspath(data))] if isinstance(data, str | os.PathLike)
+                 else [("data", str(f)) for f in getattr(data, "files", [])])
+        files += [(f"option {k}", os.fspath(v)) for k, v in
+                  (("gene_table", gene_table), ("hgnc", hgnc), ("gene_list", gene_list)) if v]
+        run.update(run_provenance(started_at=started_at, device=res.device, precision=res.precision, files=files))
         with atomic_path(Path(out_dir) / "run.json") as tmp:
             tmp.write_text(json.dumps(run, indent=2) + "\n")
     return SEFitResult(model, res, coverage, prep, note)
@@ -369,6 +383,89 @@ def embed_rows(
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
         dt = None if ds is None else torch.from_numpy(np.asarray(ds, dtype=np.int64)).to(dev)
         return model.embed(xt, dt).float().cpu().numpy()
+
+
+def embed_cells(
+    model: StateEmbeddingModel,
+    prep,
+    source,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "auto",
+    dataset_key: str | None = None,
+    hgnc: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+    where: str | None = None,
+) -> np.ndarray:
+    """SE embeddings (n, E) float32 of every cell of ``source`` (an ``H5adSource`` or ``MemorySource``).
+
+    The rule of :func:`transform` (which writes them to a file): raw rows read in batches of
+    ``batch_size``, normalised with the model's ``prep`` (totals over all the source's genes), the
+    model's genes picked by name (through HGNC with ``hgnc``; missing ones fed as 0).
+    """
+    where = where or source.name
+    dev = _pick_device(device) if isinstance(device, str) else device
+    model.to(dev)
+    col = {g: i for i, g in enumerate(map(str, source.var_names))}
+    if hgnc is not None:
+        from celltwin.genes import HgncIndex
+
+        index = HgncIndex.from_tsv(hgnc)
+        by_sym = {}
+        for g, i in col.items():
+            sym, _ = index.resolve(g)
+            if sym is not None:
+                by_sym.setdefault(sym, i)
+        lookup = [col.get(g, by_sym.get(index.resolve(g)[0] or "", -1)) for g in model.genes]
+    else:
+        lookup = [col.get(g, -1) for g in model.genes]
+    cols = np.asarray(lookup, dtype=np.int64)
+    present = cols >= 0
+    if not present.any():
+        raise InputError(f"{where}: none of the model's {len(model.genes)} genes is in var_names")
+    log(
+        f"{int(present.sum())}/{len(model.genes)} model genes found in {where}"
+        + ("" if present.all() else "; missing ones are fed as 0 expression")
+    )
+
+    ds = np.full(source.n_obs, model.unknown_dataset, dtype=np.int64)
+    if dataset_key is not None:
+        if dataset_key not in source.obs.columns:
+            raise InputError(f"{where}: obs has no column {dataset_key!r} (--dataset-key)")
+        lut = {n: i for i, n in enumerate(model.datasets)}
+        ds = np.array(
+            [lut.get(v, model.unknown_dataset) for v in source.obs[dataset_key].astype(str)], np.int64
+        )
+
+    n = source.n_obs
+    emb = np.empty((n, model.config.d_out), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(n, start + batch_size))
+        block = prep.transform(source.read_rows(idx), None)  # (b, genes in file), model space
+        x = np.zeros((idx.size, len(model.genes)), dtype=np.float32)
+        x[:, present] = block[:, cols[present]]
+        emb[idx] = embed_rows(model, x, ds[idx], dev)
+        if progress is not None:
+            progress(int(idx[-1]) + 1, n)
+    return emb
+
+
+def fit_se(data, out_dir: str | Path, options, *, seed: int = 0, cells: np.ndarray | None = None,
+           dataset_key: str | None = None, log: Callable[[str], None] = print) -> SEFitResult:
+    """Fit an SE model with :class:`~celltwin.models.se_options.SEOptions` (``celltwin embed fit``, ``SEModel.train``).
+
+    ``data``: an ``.h5ad`` path, an AnnData or a source; ``num_workers=-1`` reads in the training
+    process for in-memory data and with one worker for a file.
+    """
+    cfg, tcfg = options.configs(seed)
+    in_memory = not isinstance(data, str | os.PathLike)
+    workers = options.num_workers if options.num_workers >= 0 else (0 if in_memory else 1)
+    return fit_state_embedding(
+        data, out_dir, config=cfg, train_config=tcfg, gene_table=options.genes or None, hgnc=options.hgnc or None,
+        gene_list=options.gene_list or None, gene_dim=options.gene_dim, dataset_key=dataset_key,
+        n_top_genes=options.n_top_genes or None, cells=cells, batch_size=options.batch_size, log=log,
+        num_workers=workers)
 
 
 def transform(
@@ -401,56 +498,15 @@ def transform(
     from celltwin.data.source import H5adSource
 
     model = StateEmbeddingModel.from_pretrained(model_dir)
-    dev = _pick_device(device)
-    model.to(dev)
     data, out = Path(data), Path(out)
     if data.resolve() == out.resolve():
         raise ConfigError(f"output {out} is the input file; write to a new path")
     source = H5adSource(data)
-    prep = Preprocessing.load(model_dir)
-
-    col = {g: i for i, g in enumerate(map(str, source.var_names))}
-    if hgnc is not None:
-        from celltwin.genes import HgncIndex
-
-        index = HgncIndex.from_tsv(hgnc)
-        by_sym = {}
-        for g, i in col.items():
-            sym, _ = index.resolve(g)
-            if sym is not None:
-                by_sym.setdefault(sym, i)
-        lookup = [col.get(g, by_sym.get(index.resolve(g)[0] or "", -1)) for g in model.genes]
-    else:
-        lookup = [col.get(g, -1) for g in model.genes]
-    cols = np.asarray(lookup, dtype=np.int64)
-    present = cols >= 0
-    if not present.any():
-        raise InputError(f"{data}: none of the model's {len(model.genes)} genes is in var_names")
-    log(
-        f"{int(present.sum())}/{len(model.genes)} model genes found in {data}"
-        + ("" if present.all() else "; missing ones are fed as 0 expression")
-    )
-
-    ds = np.full(source.n_obs, model.unknown_dataset, dtype=np.int64)
-    if dataset_key is not None:
-        if dataset_key not in source.obs.columns:
-            raise InputError(f"{data}: obs has no column {dataset_key!r} (--dataset-key)")
-        lut = {n: i for i, n in enumerate(model.datasets)}
-        ds = np.array(
-            [lut.get(v, model.unknown_dataset) for v in source.obs[dataset_key].astype(str)], np.int64
-        )
-
-    n = source.n_obs
-    emb = np.empty((n, model.config.d_out), dtype=np.float32)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(n, start + batch_size))
-        block = prep.transform(source.read_rows(idx), None)  # (b, genes in file), model space
-        x = np.zeros((idx.size, len(model.genes)), dtype=np.float32)
-        x[:, present] = block[:, cols[present]]
-        emb[idx] = embed_rows(model, x, ds[idx], dev)
-        if progress is not None:
-            progress(int(idx[-1]) + 1, n)
-    source.close()
+    try:
+        emb = embed_cells(model, Preprocessing.load(model_dir), source, batch_size=batch_size, device=device,
+                          dataset_key=dataset_key, hgnc=hgnc, progress=progress, log=log, where=str(data))
+    finally:
+        source.close()
 
     with atomic_path(out) as tmp:
         if copy_x:

@@ -31,7 +31,7 @@ import numpy as np
 
 from celltwin.errors import InputError
 
-__all__ = ["SetReader", "build_se_cache", "SE_CACHE"]
+__all__ = ["SE_CACHE", "SetReader", "build_se_cache"]
 
 SE_CACHE = "se_embeddings.npy"
 

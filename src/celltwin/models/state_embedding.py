@@ -51,9 +51,10 @@ from torch import nn
 from celltwin._io import atomic_path
 from celltwin.errors import ConfigError, InputError
 from celltwin.losses import gaussian_mmd
+from celltwin.models.presets import SE_PRESETS
 from celltwin.nn import LlamaEncoder
 
-__all__ = ["StateEmbeddingConfig", "StateEmbeddingModel", "SE_PRESETS", "energy_distance_1d"]
+__all__ = ["SE_PRESETS", "StateEmbeddingConfig", "StateEmbeddingModel", "energy_distance_1d"]
 
 _LOSSES = ("mse", "energy", "mmd", "mse+energy", "mse+mmd")
 _MMD_BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)  # absolute widths in log1p-expression units
@@ -129,38 +130,7 @@ class StateEmbeddingConfig:
         return cls(**{**SE_PRESETS[name], **overrides})
 
 
-SE_PRESETS: dict[str, dict[str, object]] = {
-    # CPU unit tests: a few thousand parameters per block.
-    "tiny": dict(
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        mlp_hidden=64,
-        d_out=32,
-        sentence_len=64,
-        n_mask=40,
-        n_unexpressed=16,
-        mask_strata=4,
-        n_bins=8,
-        decoder_hidden=32,
-    ),
-    # Quick real-data runs on a laptop CPU (minutes).
-    "small": dict(
-        d_model=128,
-        n_layers=4,
-        n_heads=4,
-        mlp_hidden=256,
-        d_out=128,
-        sentence_len=512,
-        n_mask=320,
-        n_unexpressed=128,
-        mask_strata=8,
-        n_bins=10,
-        decoder_hidden=128,
-    ),
-    # The published SE configuration (width 512, 8 layers, 16 heads, MLP 1024, output 512, L 2048, mask 1280).
-    "published": {},
-}
+
 
 
 def energy_distance_1d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -423,6 +393,7 @@ class StateEmbeddingModel(nn.Module):
         """
         from safetensors.torch import save_file
 
+        from celltwin.data.preprocess import write_genes_txt
         from celltwin.genes import GeneTable, save_gene_table
 
         path = Path(path)
@@ -435,8 +406,7 @@ class StateEmbeddingModel(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k != "gene_table"}
         with atomic_path(path / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": _FORMAT})
-        with atomic_path(path / "genes.txt") as tmp:
-            tmp.write_text("\n".join(self.genes) + "\n")
+        write_genes_txt(path / "genes.txt", self.genes)
         meta = {
             "format": _FORMAT,
             "config": asdict(self.config),
@@ -456,6 +426,7 @@ class StateEmbeddingModel(nn.Module):
         """Load a model written by :meth:`save_pretrained` from a local directory."""
         from safetensors.torch import load_file
 
+        from celltwin.data.preprocess import read_genes_txt
         from celltwin.genes import load_gene_table
 
         path = Path(path)
@@ -467,7 +438,7 @@ class StateEmbeddingModel(nn.Module):
         if meta.get("format") != _FORMAT:
             msg = f"{cfg_file}: format {meta.get('format')!r}, expected {_FORMAT!r}"
             raise InputError(msg)
-        genes = [ln for ln in (path / "genes.txt").read_text().splitlines() if ln]
+        genes = read_genes_txt(path / "genes.txt")
         table = load_gene_table(path / "gene_embeddings.safetensors")
         if table.genes != genes:
             msg = f"{path}: gene_embeddings.safetensors and genes.txt list different genes"

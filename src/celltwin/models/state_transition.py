@@ -5,7 +5,7 @@ Architecture (one file, nanoGPT-like; shapes in comments)::
     ctrl (B, S, D) --basal MLP (4 x Linear, GELU)--> (B, S, H)
     pert (B,) index --one-hot (B, P) or gene-embedding row (B, E)--> pert MLP (4 x) --> (B, 1, H)  [added]
     (combinations A+B: (B, K) member indices, multi-hot / summed rows)
-    context (B,) / batch (B,) or (B, S) indices --> Embedding --> (B, 1|S, H)                    [added]
+    context (B,) index --> Embedding --> (B, 1, H)                                                 [added]
     tokens (B, S, H) --Llama encoder: n_layers x [RMSNorm, bidirectional SDPA attention, RMSNorm, SwiGLU]--> (B, S, H)
     --> output head Linear --> delta (B, S, D)
     expression input:  out = softplus(softplus^-1(max(ctrl, 1e-3)) + delta)   (residual on the basal input)
@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from celltwin._io import atomic_path
+from celltwin.data.preprocess import sample_counts
 from celltwin.errors import ConfigError, InputError
 from celltwin.losses import LOSSES, set_loss
-from celltwin.data.preprocess import sample_counts  # noqa: F401  (re-exported; numpy only)
+from celltwin.models.presets import ST_PRESETS
 from celltwin.nn import MLP, LlamaEncoder
 
-__all__ = ["STConfig", "PRESETS", "StateTransition", "sample_counts", "inverse_softplus"]
+__all__ = ["PRESETS", "STConfig", "StateTransition", "inverse_softplus", "sample_counts"]
 
 _INPUT_SPACES = ("expression", "embedding")
 _OUTPUT_SPACES = ("gene", "all", "embedding")
@@ -63,7 +64,6 @@ class STConfig:
     n_perts: int = 1  # P: perturbation vocabulary size (one-hot), or rows of pert_table
     pert_emb_dim: int = 0  # E > 0: perturbations are rows of a fixed (P, E) gene-embedding table
     n_contexts: int = 0  # context vocabulary (+1 for "unknown" = index 0); 0 = no context token
-    n_batches: int = 0  # batch vocabulary (+1 for "unknown" = index 0); 0 = no batch token
     input_space: str = "expression"  # expression | embedding
     # what the model predicts (arc-state's output_space): "gene" = the input genes (expression input),
     # "all" = n_genes genes through a decoder from the input space (HVG or embedding in, every gene out),
@@ -97,7 +97,7 @@ class STConfig:
                      "encoder_layers", "decoder_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"STConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("pert_emb_dim", "n_contexts", "n_batches", "n_genes"):
+        for name in ("pert_emb_dim", "n_contexts", "n_genes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"STConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.hidden % self.n_heads:
@@ -140,15 +140,7 @@ class STConfig:
         return asdict(self)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU unit tests
-    "tiny": dict(hidden=32, n_layers=2, n_heads=2, mlp_hidden=64, set_size=16, encoder_layers=2),
-    # the demo and CPU experiments (~1 M parameters + the gene-sized input/output layers)
-    "small": dict(hidden=128, n_layers=4, n_heads=4, mlp_hidden=512, set_size=64, encoder_layers=4),
-    # the published ST configuration
-    "state": dict(hidden=696, n_layers=8, n_heads=12, mlp_hidden=2784, norm_eps=1e-6, set_size=512,
-                  encoder_layers=4, loss_weights={"energy": 1.0}, blur=0.05),
-}
+PRESETS = ST_PRESETS  # tiny | small | state (celltwin.models.presets)
 
 
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -161,7 +153,7 @@ class StateTransition(nn.Module):
 
     ``pert_table``: (P, E) float gene embeddings when ``config.pert_emb_dim > 0`` (a buffer,
     saved with the weights). ``vocab``: free-form lists saved by :meth:`save_pretrained`
-    (``genes``, ``perturbations``, ``contexts``, ``batches``).
+    (``genes``, ``perturbations``, ``contexts``, ...).
     """
 
     def __init__(self, config: STConfig, pert_table: torch.Tensor | None = None,
@@ -182,7 +174,6 @@ class StateTransition(nn.Module):
             pert_in = c.n_perts
         self.pert_encoder = MLP(pert_in, H, H, c.encoder_layers, c.dropout)
         self.context_emb = nn.Embedding(c.n_contexts + 1, H) if c.n_contexts else None
-        self.batch_emb = nn.Embedding(c.n_batches + 1, H) if c.n_batches else None
         self.transformer = LlamaEncoder(H, c.n_layers, c.n_heads, c.mlp_hidden, c.norm_eps, c.dropout)
         self.head = nn.Linear(H, c.input_dim)
         self.gene_decoder = (MLP(c.input_dim, H, c.n_genes, c.decoder_layers, c.dropout)
@@ -194,9 +185,8 @@ class StateTransition(nn.Module):
         if self.pert_table is None:
             # one-hot input: the first layer is a lookup table; unit-scale rows like an Embedding
             nn.init.normal_(self.pert_encoder.net[0].weight, std=1.0)
-        for emb in (self.context_emb, self.batch_emb):
-            if emb is not None:
-                nn.init.normal_(emb.weight, std=1.0)
+        if self.context_emb is not None:
+            nn.init.normal_(self.context_emb.weight, std=1.0)
         # start at the identity map: zero output head -> delta = 0 -> prediction = basal input
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -238,7 +228,6 @@ class StateTransition(nn.Module):
         ctrl: torch.Tensor,  # (B, S, D) control cells
         pert_idx: torch.Tensor,  # (B,) perturbation index, or (B, K) members of combinations (-1 = pad)
         context_idx: torch.Tensor | None = None,  # (B,) 0 = unknown
-        batch_idx: torch.Tensor | None = None,  # (B,) or (B, S), 0 = unknown
         ctrl_genes: torch.Tensor | None = None,  # (B, S, G) basal cells in gene space (embedding input)
     ) -> dict[str, torch.Tensor]:
         """``{"pred": (B, S, D)}`` plus ``"genes": (B, S, G)`` when a gene decoder exists."""
@@ -248,9 +237,6 @@ class StateTransition(nn.Module):
         x = x + self.encode_perturbation(pert_idx)[:, None, :]  # (B, S, H)
         if self.context_emb is not None and context_idx is not None:
             x = x + self.context_emb(context_idx)[:, None, :]
-        if self.batch_emb is not None and batch_idx is not None:
-            b = self.batch_emb(batch_idx)  # (B, H) or (B, S, H)
-            x = x + (b[:, None, :] if b.ndim == 2 else b)
         h = self.transformer(x)  # (B, S, H)
         delta = self.head(h)  # (B, S, D)
         if self.config.input_space == "expression":
@@ -302,7 +288,11 @@ class StateTransition(nn.Module):
         for name in ("model.safetensors", "config.json", "vocab.json"):
             if not (d / name).exists():
                 raise InputError(f"ST model directory {d}: {name} not found")
-        cfg = STConfig(**json.loads((d / "config.json").read_text()))
+        raw = json.loads((d / "config.json").read_text())
+        if raw.pop("n_batches", 0):  # runs written before the (never used) batch token was removed
+            raise InputError(f"ST model directory {d}: config.json has a batch embedding (n_batches > 0), "
+                             "which this celltwin no longer supports")
+        cfg = STConfig(**raw)
         tensors = load_file(str(d / "model.safetensors"), device=map_location)
         model = cls(cfg, pert_table=tensors.get("pert_table"), vocab=json.loads((d / "vocab.json").read_text()))
         model.load_state_dict(tensors)

@@ -10,4 +10,4 @@ from __future__ import annotations
 
 from celltwin.nn.blocks import MLP, Attention, LlamaBlock, LlamaEncoder, RMSNorm, SwiGLU
 
-__all__ = ["RMSNorm", "SwiGLU", "Attention", "LlamaBlock", "LlamaEncoder", "MLP"]
+__all__ = ["MLP", "Attention", "LlamaBlock", "LlamaEncoder", "RMSNorm", "SwiGLU"]

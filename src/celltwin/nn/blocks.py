@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "SwiGLU", "Attention", "LlamaBlock", "LlamaEncoder", "MLP"]
+__all__ = ["MLP", "Attention", "LlamaBlock", "LlamaEncoder", "RMSNorm", "SwiGLU"]
 
 
 class RMSNorm(nn.Module):

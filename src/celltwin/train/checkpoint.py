@@ -29,7 +29,6 @@ checkpoint trained on other data.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -44,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from celltwin._io import atomic_path
-from celltwin.data.inputs import file_fingerprint  # noqa: F401  (re-exported; torch-free)
+from celltwin.data.inputs import file_fingerprint
 from celltwin.errors import InputError
 
 __all__ = [

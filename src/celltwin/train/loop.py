@@ -45,6 +45,10 @@ training RNG (dropout, masking, ...) never sees the loader's draws, and the load
 resume. Cost: a few tens of microseconds per batch. Not covered: ``persistent_workers=True``
 (workers keep their RNG across epochs, which a resume cannot reproduce).
 
+Loss plot: rank 0 writes ``out_dir/loss.png`` (``TrainConfig.loss_plot``; :mod:`celltwin._loss_plot`)
+from ``metrics.csv`` at every checkpoint and at the end, atomically; after a resume it covers
+every step of the run. A plot that cannot be drawn is a logged warning, never a failed run.
+
 Checkpoints (``out_dir/checkpoints/last.pt``, atomic) hold model, optimiser, scheduler,
 grad scaler, every rank's RNG states, ``step``, ``epoch``, position in the epoch and the
 config; with ``resume=True`` a run restarts from there and reaches the same parameters
@@ -60,14 +64,22 @@ GradScaler legitimately skips steps with inf gradients) or non-finite parameters
 optimiser step stop training with :class:`DivergenceError` (one line in the CLI, exit 2)
 naming the step and the learning rate. It is raised before anything is written, so the last
 good checkpoint stays on disk; a checkpoint with non-finite weights is never written.
+
+Progress (``progress=True``, rank 0, unless the ``celltwin`` logger's level is above INFO, e.g.
+``celltwin -q``: :func:`progress_wanted`; :class:`TrainProgress`): a rich bar on stderr when stderr is a
+terminal; otherwise (output going to a log file) plain lines ``step 100/500 loss 0.1234 12.3 it/s``
+on stderr, every :func:`plain_progress_every` steps (a multiple of ``log_every``, at most about
+100 lines a run) and at the last step, so a log shows how far a run got and how fast it goes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -102,6 +114,7 @@ __all__ = [
     "DivergenceError",
     "StepFn",
     "TrainConfig",
+    "TrainProgress",
     "TrainResult",
     "ValFn",
     "cpu_has_native_bf16",
@@ -109,6 +122,7 @@ __all__ = [
     "fit",
     "lr_lambda",
     "move_to_device",
+    "progress_wanted",
     "resolve_precision",
     "seed_everything",
     "unwrap",
@@ -120,6 +134,7 @@ ValFn = Callable[[nn.Module, int], Mapping[str, float]]
 """``val(model, step) -> {name: float}``; runs on rank 0 under ``no_grad`` in eval mode."""
 
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_log = logging.getLogger(__name__)
 
 
 _RESUME_KEYS = ("lr", "weight_decay", "betas", "min_lr_ratio", "grad_clip", "grad_accum", "seed")
@@ -148,14 +163,17 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast); auto: see resolve_precision
     device: str = "auto"  # auto | cpu | cuda | cuda:K
     seed: int = 0
-    out_dir: str | None = None  # checkpoints/, metrics.csv, tb/ go here; None = nothing written
+    out_dir: str | None = None  # checkpoints/, metrics.csv, tb/, loss.png go here; None = nothing written
     ckpt_every: int = 0  # save every N steps (and at the end); 0 = only at the end
     resume: bool = True  # continue from out_dir/checkpoints/last.pt when present
     log_every: int = 10  # log averaged loss parts every N steps
     val_every: int = 0  # call val_fn every N steps (and at the end); 0 = only at the end
-    progress: bool = True  # rich progress bar on rank 0
+    progress: bool = True  # rank 0: rich bar on a terminal, plain lines when stderr is not a TTY
     tensorboard: bool = True  # also write TensorBoard scalars (when tensorboard is installed)
     deterministic: bool = False  # torch.use_deterministic_algorithms(True)
+    # loss-curve PNG (celltwin._loss_plot) written at every checkpoint and at the end: a path relative to
+    # out_dir (or absolute); None = no plot
+    loss_plot: str | None = "loss.png"
     # what makes this run this run (data file fingerprints, split, options: plain JSON data); resume
     # refuses a checkpoint whose fingerprint differs. Stored normalised (a JSON round trip: tuples -> lists)
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -198,6 +216,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of this process's loop
     items_per_s: float | None = None  # from count_fn, all ranks together, excluding the first step
     precision: str = "fp32"  # the autocast precision actually used: fp32 | bf16 | fp16
+    device: str = "cpu"  # the torch device trained on (this rank's), e.g. "cpu", "cuda:0"
 
 
 def seed_everything(seed: int) -> None:
@@ -239,7 +258,7 @@ def cpu_has_native_bf16() -> bool:
         try:
             if fn is not None and bool(fn()):
                 return True
-        except Exception:  # noqa: BLE001, S112 - a probe that cannot run on this build counts as "no"
+        except Exception:  # noqa: BLE001 - a probe that cannot run on this build counts as "no"
             continue
     return False
 
@@ -355,6 +374,72 @@ class _LoaderRng:
             torch.set_rng_state(saved[0])
             random.setstate(saved[1])
             np.random.set_state(saved[2])
+
+
+def progress_wanted() -> bool:
+    """False when the ``celltwin`` logger's level was set above INFO (``celltwin -q``, or
+    ``logging.getLogger("celltwin").setLevel(logging.WARNING)``): :func:`fit` then shows no progress
+    even with ``TrainConfig.progress``. An unset level (a plain library call) keeps the progress."""
+    level = logging.getLogger("celltwin").level
+    return level == logging.NOTSET or level <= logging.INFO
+
+
+def plain_progress_every(max_steps: int, log_every: int, max_lines: int = 100) -> int:
+    """Steps between plain progress lines: a multiple of ``log_every`` (fresh loss), <= ~``max_lines`` lines."""
+    base = max(1, log_every)
+    return base * max(1, math.ceil(max_steps / (max_lines * base)))
+
+
+class TrainProgress:
+    """Training progress on rank 0 (see the module docstring): ``update(step, loss)``, ``close()``.
+
+    On a terminal (``stream.isatty()``) a rich bar on that stream; otherwise one plain line per
+    ``every`` steps and at the last step: ``step 100/500 loss 0.1234 12.3 it/s`` (``loss``: the
+    mean over the last log window, left out before the first one; ``it/s``: optimiser steps per
+    second since the previous line). ``stream`` defaults to ``sys.stderr`` at creation.
+    """
+
+    def __init__(self, total: int, start: int = 0, log_every: int = 10, *, stream: Any = None,
+                 every: int | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = int(total)
+        self.every = every if every is not None else plain_progress_every(self.total, log_every)
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty()) if callable(isatty) else False
+        self._last_step, self._last_t = int(start), time.perf_counter()
+        self._bar = None
+        if self.tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=Console(file=self.stream))
+            self._task = self._bar.add_task("train", total=self.total, completed=start, info="")
+            self._bar.start()
+
+    def line(self, step: int, loss: float | None, rate: float) -> str:
+        """The plain progress line of ``step``."""
+        part = f" loss {loss:.4g}" if loss is not None else ""
+        return f"step {step}/{self.total}{part} {rate:.1f} it/s"
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        if self._bar is not None:
+            info = f"loss {loss:.4g}" if loss is not None else ""
+            self._bar.update(self._task, completed=step, info=info)
+            return
+        if step % self.every != 0 and step != self.total:
+            return
+        now = time.perf_counter()
+        dt = now - self._last_t
+        rate = (step - self._last_step) / dt if dt > 0 else 0.0
+        self._last_step, self._last_t = step, now
+        print(self.line(step, loss, rate), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 def _params_finite(params: list[torch.Tensor]) -> bool:
@@ -499,7 +584,23 @@ def fit(
                 "extra": extra,
             })
             last_saved[0] = step
+            write_plot()
         barrier()
+
+    plot_path = (out / cfg.loss_plot) if (out is not None and cfg.loss_plot and info.is_main) else None
+    plotted: list[int | None] = [None]  # step of the loss.png on disk
+
+    def write_plot() -> None:
+        """loss.png from metrics.csv (every step of the run, resumed or not); never stops training."""
+        if plot_path is None or logger is None or plotted[0] == step:
+            return
+        try:
+            from celltwin._loss_plot import write_loss_plot
+
+            write_loss_plot(logger.path, plot_path, title="/".join(Path(cfg.out_dir or "").parts[-2:]))
+            plotted[0] = step
+        except Exception as e:  # noqa: BLE001 - a plot is a convenience: training goes on without it
+            _log.warning("could not write the loss plot %s: %s: %s", plot_path, type(e).__name__, e)
 
     def diverged(what: str, at_step: int) -> None:
         lr_now = scheduler.get_last_lr()[0]
@@ -557,15 +658,8 @@ def fit(
             epoch += 1
             pos = 0
 
-    progress = None
-    task = None
-    if cfg.progress and info.is_main:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        progress = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-        task = progress.add_task("train", total=cfg.max_steps, completed=step, info="")
-        progress.start()
+    progress = TrainProgress(cfg.max_steps, step, cfg.log_every) \
+        if (cfg.progress and info.is_main and progress_wanted()) else None
 
     window: dict[str, list[float]] = {}
     last_losses: dict[str, float] = {}
@@ -627,10 +721,8 @@ def fit(
                 window = {}
                 if logger is not None:
                     logger.log(step, "train", last_losses)
-                if progress is not None:
-                    progress.update(task, info=f"loss {last_losses.get('loss', float('nan')):.4g}")
             if progress is not None:
-                progress.update(task, completed=step)
+                progress.update(step, last_losses.get("loss"))
             if cfg.val_every and step % cfg.val_every == 0 and step < cfg.max_steps:
                 last_val = validate()
             if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.max_steps:
@@ -641,13 +733,14 @@ def fit(
     finally:
         stream.close()  # releases the epoch's loader iterator (DataLoader workers) now
         if progress is not None:
-            progress.stop()
+            progress.close()
         if logger is not None:
             logger.close()
+            write_plot()  # a run that stopped early (divergence, Ctrl-C) or had nothing left to do
     seconds = time.perf_counter() - t0
     rate = None
     if count_fn is not None and t_first is not None and items_after_first > 0:
         rate = items_after_first * info.world_size / (time.perf_counter() - t_first)
     return TrainResult(step=step, epoch=epoch, last_losses=last_losses, last_val=last_val,
                        resumed_from=resumed_from, seconds=seconds, items_per_s=rate,
-                       precision=_PRECISION_NAMES[amp_dtype])
+                       precision=_PRECISION_NAMES[amp_dtype], device=str(device))

@@ -21,7 +21,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             with self.path.open(newline="") as f:
-                rows = [r for r in csv.reader(f)]
+                rows = list(csv.reader(f))
             keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= resume_step] if rows else []
             with self.path.open("w", newline="") as f:
                 csv.writer(f).writerows(keep)
