@@ -162,7 +162,7 @@ def test_quiet_hides_training_progress(screen, tmp_path, capsys):
 
 def test_log_levels_and_progress_flags():
     from celltwin import cli
-    from celltwin.train.loop import progress_wanted
+    from celltwin.train.progress import progress_wanted
 
     lg = logging.getLogger("celltwin")
     for flags, own in (({"quiet": True}, logging.WARNING), ({}, logging.INFO), ({"verbose": True}, logging.DEBUG)):

@@ -24,7 +24,7 @@ failure. ``-q/--quiet`` / ``-v/--verbose`` set the level of celltwin's own logge
 through :mod:`logging`, on stderr): WARNING with ``-q``, INFO by default, DEBUG with ``-v``;
 other libraries' loggers show errors with ``-q``, else warnings (info with ``-v``). ``-q`` also
 turns progress off: the command's ``--no-progress`` is set, and the training loop shows no
-progress while the ``celltwin`` logger is above INFO (:func:`celltwin.train.loop.progress_wanted`).
+progress while the ``celltwin`` logger is above INFO (:func:`celltwin.train.progress.progress_wanted`).
 Results printed on stdout (scores, summaries) are not logging and stay.
 """
 

@@ -79,7 +79,7 @@ def _screen(
     return a
 
 
-def _cell_eval(pred, real, tmp_path, profile="vcc"):
+def _cell_eval(pred, real, tmp_path, profile="vcc", skip_metrics=None):
     from cell_eval import MetricsEvaluator
 
     logging.disable(logging.CRITICAL)
@@ -93,24 +93,27 @@ def _cell_eval(pred, real, tmp_path, profile="vcc"):
             outdir=str(tmp_path / "ce"),
             skip_de=profile == "pds",
         )
-        res, agg = ev.compute(profile=profile, write_csv=False, break_on_error=True)
+        res, agg = ev.compute(profile=profile, skip_metrics=skip_metrics, write_csv=False, break_on_error=True)
     finally:
         logging.disable(logging.NOTSET)
     return res.to_pandas(), agg.to_pandas()
 
 
-def _assert_same(ours, ref_res, ref_agg):
+def _assert_same(ours, ref_res, ref_agg, equal_nan=False):
+    """Same columns (order included), rows and values; with ``equal_nan`` NaN placements must agree."""
     assert list(ours.results.columns) == list(ref_res.columns)
     assert ours.results["perturbation"].tolist() == ref_res["perturbation"].tolist()
     for c in ref_res.columns[1:]:
         np.testing.assert_allclose(
-            ours.results[c].to_numpy(float), ref_res[c].to_numpy(float), rtol=0, atol=1e-12
+            ours.results[c].to_numpy(float), ref_res[c].to_numpy(float), rtol=0, atol=1e-12,
+            equal_nan=equal_nan, err_msg=c,
         )
     assert list(ours.agg.columns) == list(ref_agg.columns)
     assert ours.agg["statistic"].tolist() == ref_agg["statistic"].tolist()
     for c in ref_agg.columns[1:]:
         np.testing.assert_allclose(
-            ours.agg[c].to_numpy(float), ref_agg[c].to_numpy(float), rtol=1e-12, atol=1e-12
+            ours.agg[c].to_numpy(float), ref_agg[c].to_numpy(float), rtol=1e-12, atol=1e-12,
+            equal_nan=equal_nan, err_msg=c,
         )
 
 
@@ -348,60 +351,14 @@ def test_clustering_agreement_identity_and_missing_extra(monkeypatch):
     assert "clustering_agreement" not in res.results.columns and "pearson_edistance" in res.results.columns
 
 
-def _cell_eval_run(pred, real, tmp_path, profile, skip_metrics=None):
-    from cell_eval import MetricsEvaluator
-
-    logging.disable(logging.CRITICAL)
-    try:
-        ev = MetricsEvaluator(
-            pred.copy(),
-            real.copy(),
-            control_pert=CTRL,
-            pert_col=COL,
-            num_threads=1,
-            outdir=str(tmp_path / "ce"),
-        )
-        res, agg = ev.compute(
-            profile=profile, skip_metrics=skip_metrics, write_csv=False, break_on_error=True
-        )
-    finally:
-        logging.disable(logging.NOTSET)
-    return res.to_pandas(), agg.to_pandas()
-
-
-def _assert_same_nan(ours, ref_res, ref_agg):
-    """Same columns (order included), rows, values and NaN placement (nulls are NaN in both frames)."""
-    assert list(ours.results.columns) == list(ref_res.columns)
-    assert ours.results["perturbation"].tolist() == ref_res["perturbation"].tolist()
-    for c in ref_res.columns[1:]:
-        np.testing.assert_allclose(
-            ours.results[c].to_numpy(float),
-            ref_res[c].to_numpy(float),
-            rtol=0,
-            atol=1e-12,
-            equal_nan=True,
-            err_msg=c,
-        )
-    assert list(ours.agg.columns) == list(ref_agg.columns)
-    for c in ref_agg.columns[1:]:
-        np.testing.assert_allclose(
-            ours.agg[c].to_numpy(float),
-            ref_agg[c].to_numpy(float),
-            rtol=1e-12,
-            atol=1e-12,
-            equal_nan=True,
-            err_msg=c,
-        )
-
-
 @pytest.mark.parametrize("profile", ["minimal", "de"])
 def test_minimal_and_de_profiles_match_cell_eval(profile, tmp_path):
     """cell-eval's ``minimal`` and ``de`` profiles: same columns in the same order, same values."""
     kr, kp = FULL_CASES["csr32-counts_vs_dense32-log_null"]
     real, pred = _screen(0, **kr), _screen(1, **kp)
-    ref_res, ref_agg = _cell_eval_run(pred, real, tmp_path, profile)
+    ref_res, ref_agg = _cell_eval(pred, real, tmp_path, profile)
     ours = evaluate(pred.copy(), real.copy(), config=EvalConfig(profile=profile))
-    _assert_same_nan(ours, ref_res, ref_agg)
+    _assert_same(ours, ref_res, ref_agg, equal_nan=True)
     if profile == "minimal":
         assert list(ours.results.columns[1:]) == [
             "overlap_at_N",
@@ -424,9 +381,9 @@ def test_skip_metrics_matches_cell_eval(tmp_path):
     real = _screen(0, counts=True, sparse=True, dtype=np.float32)
     pred = _screen(1, counts=False, sparse=True, dtype=np.float32)
     skip = ["de_nsig_counts", "mse", "pearson_edistance"]  # the last is not in the profile: ignored
-    ref_res, ref_agg = _cell_eval_run(pred, real, tmp_path, "minimal", skip_metrics=skip)
+    ref_res, ref_agg = _cell_eval(pred, real, tmp_path, "minimal", skip_metrics=skip)
     ours = evaluate(pred.copy(), real.copy(), config=EvalConfig(profile="minimal", skip_metrics=tuple(skip)))
-    _assert_same_nan(ours, ref_res, ref_agg)
+    _assert_same(ours, ref_res, ref_agg, equal_nan=True)
     assert "mse" not in ours.results.columns and "de_nsig_counts_real" not in ours.results.columns
     one = evaluate(
         pred.copy(), real.copy(), config=EvalConfig(profile="minimal", skip_metrics=("de_nsig_counts_pred",))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from celltwin.train import TrainConfig, fit, seed_everything
-from celltwin.train.loop import TrainProgress, plain_progress_every
+from celltwin.train.progress import TrainProgress, plain_progress_every
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _train_toy as toy
