@@ -4,7 +4,7 @@ Quality (default mode): for each data set in ../shared/data, cells are split 80/
 by the label, seed 0); an SE model is trained briefly on the 80% (``--preset``, ``--steps``)
 with *learned* gene vectors (no protein-language-model table exists here: the gene vectors
 start random and are trained with the model); every cell is embedded with
-``celltwin.models.se_runner.transform``. The baseline is PCA (``--n-pcs`` components, fitted
+``celltwin.models.se_embed.transform``. The baseline is PCA (``--n-pcs`` components, fitted
 on the training cells) of the same model-space matrix (the same genes, log1p-normalised).
 On the held-out 20% we report:
 
@@ -101,7 +101,8 @@ def quality(args: argparse.Namespace) -> list[dict]:
 
     from celltwin.data.preprocess import Preprocessing
     from celltwin.data.source import H5adSource
-    from celltwin.models.se_runner import fit_state_embedding, transform
+    from celltwin.models.se_embed import transform
+    from celltwin.models.se_runner import fit_state_embedding
     from celltwin.train import TrainConfig
 
     torch.set_num_threads(args.threads)

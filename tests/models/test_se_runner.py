@@ -91,7 +91,7 @@ def test_fit_writes_model_dir_and_reports_coverage(trained):
 
 def test_transform_copies_input_and_adds_embeddings(trained, tmp_path):
     from celltwin.data.preprocess import Preprocessing
-    from celltwin.models.se_runner import embed_rows, transform
+    from celltwin.models.se_embed import embed_rows, transform
     from celltwin.models.state_embedding import StateEmbeddingModel
 
     d, data, adata, _, _ = trained

@@ -166,7 +166,7 @@ def _transform(args: argparse.Namespace) -> int:
     from celltwin._io import check_outputs
 
     check_outputs({"-o/--output": args.output}, {"MODEL": args.model, "DATA": args.data, "--hgnc": args.hgnc})
-    from celltwin.models.se_runner import transform
+    from celltwin.models.se_embed import transform
 
     kw = dict(
         batch_size=args.batch_size,

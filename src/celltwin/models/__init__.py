@@ -14,7 +14,7 @@ The ST model, by job:
 * ``st_se_bridge``: run-space cells -> SE embeddings (:class:`SEBridge`).
 
 The SE model: ``state_embedding`` (torch module), ``se_options`` (:class:`SEOptions`), ``se_runner``
-(fit / transform).
+(fit), ``se_embed`` (transform / embed cells).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
     st = celltwin.STSEModel(adata).train(se_model="se_model")
 
 Training and embedding run the code of ``celltwin embed fit`` / ``transform``
-(:func:`celltwin.models.se_runner.fit_se`, :func:`~celltwin.models.se_runner.embed_cells`), so
+(:func:`celltwin.models.se_runner.fit_se`, :func:`~celltwin.models.se_embed.embed_cells`), so
 the same data, options and seed give the same numbers. The caller's AnnData is only written by
 :meth:`SEModel.get_latent_representation` (``obsm[key]``, by design).
 """
@@ -128,7 +128,7 @@ class SEModel:
         those ``celltwin embed transform`` writes for the same cells (same ``--dataset-key``,
         ``--hgnc``). ``layer`` / ``dataset_key``: default the model's.
         """
-        from celltwin.models.se_runner import embed_cells
+        from celltwin.models.se_embed import embed_cells
 
         model = self.module
         adata = self.adata if adata is None else adata

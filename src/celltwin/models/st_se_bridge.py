@@ -95,7 +95,7 @@ class SEBridge:
         return np.stack([self._cache[k] for k in keys]) if keys else np.empty((0, self.dim), np.float32)
 
     def _embed_rows(self, x: np.ndarray) -> np.ndarray:
-        from celltwin.models.se_runner import embed_rows
+        from celltwin.models.se_embed import embed_rows
 
         m = self.model
         was_training = m.training
