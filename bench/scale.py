@@ -171,6 +171,22 @@ def profile_loader(data: str, split: str, work: Path, cells: int, steps: int = 2
             print(f"  {name:<26} {ncalls:5d} calls  cumulative {ct:6.2f} s")
 
 
+def _only_eval(exe: list[str], work: Path, names: list[str]) -> None:
+    """The eval / prep steps of an earlier run, on its predictions (bench/RESULTS.md, run E)."""
+    rows = []
+    for name in names:
+        rows.append(run_step(f"eval {name}", [*exe, "eval", "--pred", str(work / f"pred-{name}.h5ad"), "--real",
+                                              str(work / "real.h5ad"), "-o", str(work / f"eval-{name}"),
+                                              "--de-format", "none"], work / f"eval-{name}.log"))
+        if name == "state":
+            rows.append(run_step("prep state", [*exe, "prep", "-i", str(work / "pred-state.h5ad"), "-g",
+                                                str(work / "genes.csv"), "-o", str(work / "state.vcc")],
+                                 work / "prep.log"))
+    print("\n| step | wall s | peak RSS GiB |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['step']} | {r['seconds']} | {r['peak_rss_gib']} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="screen .h5ad (celltwin sim --preset vcc)")
@@ -186,11 +202,17 @@ def main() -> None:
     ap.add_argument("--profile-loader", action="store_true",
                     help="cProfile 20 ST steps on --loader-cells cells read from disk (num_workers=0)")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip (e.g. state,loader)")
+    ap.add_argument("--only-eval", default=None, metavar="MODELS",
+                    help="re-run only `eval` (and `prep` for state) of an earlier run in --workdir, on its "
+                         "pred-MODEL.h5ad files (comma-separated MODELS, e.g. state,cell-mean); --data unused")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
     exe = [sys.executable, "-m", "celltwin"]
+    if args.only_eval:
+        _only_eval(exe, work, args.only_eval.split(","))
+        return
     rows: list[dict] = []
     t_all = time.perf_counter()
 
