@@ -31,6 +31,10 @@ _LAZY: dict[str, str] = {
     "STModel": "celltwin.models.st_api",
     "STSEModel": "celltwin.models.st_api",
     "SEModel": "celltwin.models.se_api",
+    # torch modules with from_pretrained (celltwin's own, or arc-state checkpoints: celltwin import-state)
+    "StateEmbeddingModel": "celltwin.models.state_embedding",
+    "StateTransition": "celltwin.models.state_transition",
+    "import_state": "celltwin.state_import",
     # typed options of the models (the one source of option names, defaults and help)
     "BaselineOptions": "celltwin.baselines.options",
     "StateOptions": "celltwin.models.st_options",
@@ -46,6 +50,7 @@ __all__ = [  # noqa: RUF022 - grouped as _LAZY
     "Model", "load_model",
     "ControlModel", "CellMeanModel", "PerturbationMeanModel", "ContextTransferModel", "ScaledContextTransferModel",
     "LinearModel", "AdditiveModel", "STModel", "STSEModel", "SEModel",
+    "StateEmbeddingModel", "StateTransition", "import_state",
     "BaselineOptions", "StateOptions", "SEOptions",
     "evaluate", "evaluate_by_celltype", "EvalConfig",
 ]

@@ -236,6 +236,9 @@ class Model:
         from celltwin.data.inputs import InputConfig, load_inputs
         from celltwin.runs import read_run
 
+        tmp = None
+        if not (Path(run_dir) / "run.json").is_file():
+            run_dir, tmp = _import_arc_run(run_dir)
         meta, _ = read_run(run_dir)
         spec = get_spec(str(meta.get("model")))
         target = spec.api_class()
@@ -249,6 +252,8 @@ class Model:
         info = load_inputs(run_dir)
         obj.inputs = InputConfig(embed_key=info.get("embed_key"), output_space=info.get("output_space") or "")
         obj._attach(Path(run_dir), meta)
+        if tmp is not None:
+            obj._tmp = weakref.finalize(obj, shutil.rmtree, str(tmp), True)
         return obj
 
     # ------------------------------------------------------------------ prediction
@@ -371,6 +376,24 @@ def _requested(perturbations, n_cells) -> tuple[list[str], list[int] | None]:
     if n_cells is not None and (isinstance(n_cells, bool) or not isinstance(n_cells, int | np.integer) or n_cells < 1):
         raise ConfigError(f"predict: n_cells expected an integer >= 1, got {n_cells!r}")
     return perts, counts
+
+
+def _import_arc_run(src: str | Path) -> tuple[Path, Path]:
+    """An arc-state ST run (directory, Hugging Face cache folder or id) imported into a temporary run directory."""
+    from celltwin.state_import import find_source
+    from celltwin.state_import.st import import_st_run
+
+    source = find_source(src)
+    if source.kind != "st":
+        raise ConfigError(f"{src}: an arc-state SE checkpoint; load it with celltwin.SEModel.load or "
+                          "celltwin.StateEmbeddingModel.from_pretrained")
+    tmp = Path(tempfile.mkdtemp(prefix="celltwin-arc-st-"))
+    try:
+        import_st_run(source, tmp / "run")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp / "run", tmp
 
 
 def load_model(run_dir: str | Path) -> Model:

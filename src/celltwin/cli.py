@@ -57,6 +57,7 @@ COMMANDS: dict[str, str] = {
     "predict": "predict",
     "embed": "embed",
     "genes": "genes",
+    "import-state": "import_state",
 }
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

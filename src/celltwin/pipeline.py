@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
+from celltwin._constants import BATCH_COL, CONTEXT_COL, CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
 
 __all__ = [
@@ -272,6 +272,12 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
                f"file lacks; available: {', '.join(cdata.obsm_keys()) or '(none)'}")
         raise InputError(msg)
 
+    if meta.get("arch") == "arc-state" and pre.target_sum is None and inputs["kind"] == "genes" \
+            and _looks_like_counts(cdata):
+        msg = (f"{cdata.name}: the control cells hold integer counts, and the imported arc-state model {run_dir} reads "
+               "log1p-normalised X (as arc-state's preprocess_train writes it); normalise the file, or import the "
+               "model again with --target-sum T (celltwin then applies log1p(normalize_total(X, T)))")
+        raise InputError(msg)
     predictor = load_predictor(run_dir)
     out_names = list(getattr(predictor, "output_names", genes))
     m = int(crows.size)
@@ -328,6 +334,13 @@ def write_predictions(open_writer, predictor, cdata, crows: np.ndarray, pre, inp
     sources: dict[str, str] = {}
     replaced: list[str] = []
     describe = getattr(predictor, "describe", None)
+    batch_all = None
+    if getattr(predictor, "uses_batch", False):
+        if BATCH_COL not in cdata.obs:
+            msg = (f"{where}: the model has a batch encoder, and the control cells have no batch column "
+                   "(give --batch-col)")
+            raise InputError(msg)
+        batch_all = cdata.obs[BATCH_COL].to_numpy(dtype=object).astype(str)
     uns = {"celltwin_predict": dict(info or {})}
     with open_writer() as w:
         done = 0
@@ -345,7 +358,9 @@ def write_predictions(open_writer, predictor, cdata, crows: np.ndarray, pre, inp
                 base = (np.zeros((n, 0), np.float32) if inputs["output_space"] == "embedding"
                         else cdata.read_model(r, pre))  # (n, G) float32
                 emb = _read_obsm(cdata, r, inputs["embed_key"]) if inputs["embed_key"] else None
-            kw = {"inputs": emb} if emb is not None else {}
+            kw: dict[str, Any] = {"inputs": emb} if emb is not None else {}
+            if getattr(predictor, "uses_batch", False):  # a batch encoder: the drawn controls' batches
+                kw["batches"] = batch_all[r] if not repeat_mean else None
             pred = np.asarray(predictor.predict(base, pert, ctx, rng, **kw), dtype=np.float32)
             if pred.shape != (n, len(out_names)):
                 msg = f"model returned shape {pred.shape} for {pert!r}, expected {(n, len(out_names))}"

@@ -40,7 +40,7 @@ def test_published_preset_matches_the_paper_configuration():
     assert blk.mlp.gate.out_features == 2784 and blk.attn.head_dim == 58
     assert sum(isinstance(x, torch.nn.Linear) for x in m.basal_encoder.net) == 4
     assert sum(isinstance(x, torch.nn.GELU) for x in m.pert_encoder.net) == 3
-    assert set(PRESETS) == {"tiny", "small", "state"}
+    assert set(PRESETS) == {"tiny", "small", "state", "state-0.11"}
 
 
 def test_config_validation():

@@ -76,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="state only: train on expression (default) or on SE cell embeddings")
     p.add_argument("--se-model", default=None, metavar="DIR",
                    help="state --input-space embedding: SE model directory (default: fit one on the training cells)")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="state: start from the weights of DIR (a celltwin run, a `celltwin import-state` run or an "
+                        "arc-state ST run directory); its architecture is kept, tensors that do not fit the new data "
+                        "(e.g. a new perturbation vocabulary) are re-initialised and listed (= --set init_from=DIR)")
     add_column_arguments(p)
     p.epilog = options_help()
 
@@ -85,14 +89,16 @@ def run(args: argparse.Namespace) -> int:
     from celltwin.errors import ConfigError
 
     check_outputs({"-o/--output": args.output},
-                  {"--data": args.data, "--split": args.split, "--se-model": args.se_model},
+                  {"--data": args.data, "--split": args.split, "--se-model": args.se_model,
+                   "--init-from": args.init_from},
                   dirs={"-o/--output"})
     from celltwin.pipeline import train_from_files
     from celltwin.registry import get_spec
 
     get_spec(args.model)  # an unknown model name first
     given = parse_sets(args.set)
-    flags = (("--input-space", "input_space", args.input_space), ("--se-model", "se_model", args.se_model))
+    flags = (("--input-space", "input_space", args.input_space), ("--se-model", "se_model", args.se_model),
+             ("--init-from", "init_from", args.init_from))
     extra: dict[str, str] = {}
     for flag, key, value in flags:
         if value is None:

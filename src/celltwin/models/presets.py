@@ -23,6 +23,10 @@ ST_PRESETS: dict[str, dict[str, Any]] = {
     # the published ST configuration
     "state": dict(hidden=696, n_layers=8, n_heads=12, mlp_hidden=2784, norm_eps=1e-6, set_size=512,
                   encoder_layers=4, loss_weights={"energy": 1.0}, blur=0.05),
+    # arc-state 0.11.1's state.yaml (hidden 768, 12 heads of 64, MLP 3072, 1-layer encoders and head);
+    # with arch=arc-state this is that release's default ST
+    "state-0.11": dict(hidden=768, n_layers=8, n_heads=12, mlp_hidden=3072, norm_eps=1e-6, set_size=512,
+                       encoder_layers=1, loss_weights={"energy": 1.0}, blur=0.05),
 }
 
 SE_PRESETS: dict[str, dict[str, Any]] = {

@@ -137,8 +137,14 @@ class SEModel:
         layer = self.layer if layer is ... else layer
         dataset_key = self.dataset_key if dataset_key is ... else dataset_key
         source = _source(_Cells.of(adata, layer))
-        emb = embed_cells(model, self._prep, source, batch_size=batch_size, device=device, dataset_key=dataset_key,
-                          hgnc=hgnc, log=lambda _m: None, where="adata")
+        if getattr(model, "arch", "celltwin") == "arc-state":  # an arc-state SE: `state emb transform`'s rule
+            from celltwin.models.arc_se_embed import embed_source
+
+            emb = embed_source(model, source, batch_size=batch_size, device=device, hgnc=hgnc, log=lambda _m: None,
+                               where="adata")
+        else:
+            emb = embed_cells(model, self._prep, source, batch_size=batch_size, device=device,
+                              dataset_key=dataset_key, hgnc=hgnc, log=lambda _m: None, where="adata")
         model.cpu()
         if key is not None:
             adata.obsm[key] = emb
@@ -158,7 +164,8 @@ class SEModel:
         from celltwin.models.state_embedding import StateEmbeddingModel
 
         obj = cls(None, layer=layer, dataset_key=dataset_key)
-        obj._module = StateEmbeddingModel.from_pretrained(model_dir).eval()
-        obj._prep = Preprocessing.load(model_dir)
+        obj._module = StateEmbeddingModel.from_pretrained(model_dir).eval()  # also arc-state SE sources
+        arc = getattr(obj._module, "arch", "celltwin") == "arc-state"
+        obj._prep = None if arc else Preprocessing.load(model_dir)
         obj.model_dir = Path(model_dir)
         return obj

@@ -148,8 +148,16 @@ def transform(
         raise ConfigError(f"output {out} is the input file; write to a new path")
     source = H5adSource(data)
     try:
-        emb = embed_cells(model, Preprocessing.load(model_dir), source, batch_size=batch_size, device=device,
-                          dataset_key=dataset_key, hgnc=hgnc, progress=progress, log=log, where=str(data))
+        if getattr(model, "arch", "celltwin") == "arc-state":  # an imported arc-state SE: its own transform rule
+            from celltwin.models.arc_se_embed import embed_source
+
+            if dataset_key is not None:
+                raise ConfigError("--dataset-key: an arc-state SE model has one dataset token; leave it out")
+            emb = embed_source(model, source, batch_size=batch_size, device=device, hgnc=hgnc, progress=progress,
+                               log=log, where=str(data))
+        else:
+            emb = embed_cells(model, Preprocessing.load(model_dir), source, batch_size=batch_size, device=device,
+                              dataset_key=dataset_key, hgnc=hgnc, progress=progress, log=log, where=str(data))
     finally:
         source.close()
 

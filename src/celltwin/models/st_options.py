@@ -52,7 +52,12 @@ class StateOptions(Options):
 
     what = "state option"
 
-    preset: str = option("small", "model size: tiny | small | state (the published 696-wide, 8-layer configuration)")
+    arch: str = option("celltwin", "celltwin | arc-state (arc-state 0.11.1's ST: MLP output head, residual in "
+                                    "hidden space, ReLU output; sizes from the preset)")
+    init_from: str = option("", "start from these weights: a celltwin run, an imported or an arc-state ST run "
+                                "(architecture from there; tensors that do not fit are re-initialised and listed)")
+    preset: str = option("small", "model size: tiny | small | state (the published 696-wide, 8-layer configuration) "
+                                  "| state-0.11 (arc-state 0.11.1's state.yaml: 768 wide, 1-layer encoders)")
     steps: int = option(400, "optimiser steps")
     batch_sets: int = option(8, "cell sets per optimiser step (per process)")
     set_size: int = option(0, "cells per set (0 = the preset's)")
@@ -105,6 +110,12 @@ class StateOptions(Options):
         from celltwin.models.presets import SE_PRESETS
         from celltwin.models.presets import ST_PRESETS as PRESETS
 
+        if self.arch not in ("celltwin", "arc-state"):
+            raise ConfigError(f"state option arch: expected celltwin or arc-state, got {self.arch!r}")
+        if self.init_from:
+            if not Path(self.init_from).is_dir():
+                raise ConfigError(f"state option init_from: {self.init_from} is not a directory")
+            self.init_from = str(Path(self.init_from).resolve())
         if self.preset not in PRESETS:
             raise ConfigError(f"state option preset: expected one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.input_space not in INPUT_SPACES:

@@ -36,7 +36,8 @@ from celltwin.errors import ConfigError, InputError
 from celltwin.models.st_se_bridge import SEBridge
 from celltwin.models.state_transition import StateTransition
 
-__all__ = ["MODEL_SUBDIR", "SE_SUBDIR", "TRAIN_SUBDIR", "StatePredictor", "load_state"]
+__all__ = ["MODEL_SUBDIR", "SE_SUBDIR", "TRAIN_SUBDIR", "StatePredictor", "load_st_module", "load_state",
+           "output_space_of"]
 
 MODEL_SUBDIR = "state"
 TRAIN_SUBDIR = "train"
@@ -56,9 +57,10 @@ class _Predictor:
     """Set-wise prediction with an in-memory model (shared by validation and :class:`StatePredictor`)."""
 
     def __init__(self, model: StateTransition, zero_below: float, bridge: SEBridge | None = None,
-                 pert_genes: tuple[str, str] | None = None) -> None:
+                 pert_genes: tuple[str, str] | None = None, clip_max: float | None = None) -> None:
         self.model = model
         self.zero_below = zero_below
+        self.clip_max = clip_max  # gene-space outputs above are written as clip_max (arc-state's tx infer: 14)
         # (table path, hgnc path): where vectors of perturbations unseen in training are looked up
         self.pert_genes = pert_genes
         self._pert_lookup: tuple[Any, Any] | None = None
@@ -70,8 +72,12 @@ class _Predictor:
         v = model.vocab
         self.genes: list[str] = list(v.get("genes", []))
         self.pert_ids = {p: i for i, p in enumerate(v.get("perturbations", []))}
+        self.control_id = self.pert_ids.get(CONTROL_LABEL, 0)  # 0 in celltwin's runs; arc-state's map is sorted
         self.ctx_ids = {c: i for i, c in enumerate(v.get("contexts", []))}
-        self.output_space = model.config.output_space
+        self.batch_ids = {b: i for i, b in enumerate(v.get("batches", []))}
+        # arc-state's batch encoder: each predicted cell gets the batch of the control cell it comes from
+        self.uses_batch = bool(getattr(model.config, "batch_dim", 0))
+        self.output_space = output_space_of(model)
         self.embed_key = (v.get("embed_key") or [None])[0]
         pos = {g: i for i, g in enumerate(self.genes)}
         self.input_idx = (np.array([pos[g] for g in v["input_genes"]], dtype=np.int64)
@@ -83,7 +89,7 @@ class _Predictor:
     def _members(self, perturbation: str) -> list[int] | None:
         """Member ids of a label (None when a member is outside the vocabulary and has no vector)."""
         if perturbation == CONTROL_LABEL:
-            return [0]
+            return [self.control_id]
         ids = [self.pert_ids[m] if m in self.pert_ids else self._add_from_table(m) for m in parse_perturbation(perturbation)]
         return None if (not ids or any(i is None for i in ids)) else ids  # type: ignore[return-value]
 
@@ -132,10 +138,13 @@ class _Predictor:
 
     @torch.no_grad()
     def predict(self, controls: np.ndarray, perturbation: str, context: str | None,
-                rng: np.random.Generator, inputs: np.ndarray | None = None) -> np.ndarray:
+                rng: np.random.Generator, inputs: np.ndarray | None = None,
+                batches: np.ndarray | None = None) -> np.ndarray:
         """Predicted cells (n, len(output_names)) for ``controls`` (n, G) model-space genes.
 
         ``inputs`` (n, D): the control cells' ``obsm[embed_key]`` rows for an ``--embed-key`` run.
+        ``batches`` (n,): the control cells' batch labels, for a model with a batch encoder
+        (arc-state's ``batch_encoder``); a label outside the model's batches is an InputError.
         """
         controls = np.asarray(controls, dtype=np.float32)
         n = controls.shape[0]
@@ -149,22 +158,74 @@ class _Predictor:
         m.eval()
         device = next(m.parameters()).device
         S = m.config.set_size
-        order = rng.permutation(n)
+        if getattr(m, "arch", "celltwin") == "arc-state":
+            # as arc-state's tx infer: the cells in the given order, sets of set_size then the rest
+            # (its GPT-2 backbone attends causally, so the order of a set matters there)
+            order = np.arange(n)
+            chunks = [order[i:i + S] for i in range(0, n, S)]
+        else:
+            order = rng.permutation(n)
+            chunks = np.array_split(order, math.ceil(n / S))
         x_in = self._inputs(controls, inputs)  # (n, D)
         key = "genes" if self.output_space == "all" else "pred"
         out = np.empty((n, len(self.output_names)), dtype=np.float32)  # (n, G) or (n, E)
         pid = torch.tensor([ids], device=device)  # (1, K)
         cid = torch.tensor([self.ctx_ids.get(context, 0) if context is not None else 0], device=device)
-        for chunk in np.array_split(order, math.ceil(n / S)):
+        bidx = self._batch_index(batches, n) if self.uses_batch else None
+        for chunk in chunks:
             x = torch.from_numpy(x_in[chunk]).to(device)[None]  # (1, s, D)
             genes = torch.from_numpy(controls[chunk]).to(device)[None] if key == "genes" else None
-            y = m(x, pid, cid if m.context_emb is not None else None, ctrl_genes=genes)[key][0]  # (s, G)
+            kw = {} if bidx is None else {"batch_idx": torch.from_numpy(bidx[chunk]).to(device)[None]}  # (1, s)
+            y = m(x, pid, cid if m.context_emb is not None else None, ctrl_genes=genes, **kw)[key][0]  # (s, G)
             out[chunk] = y.float().cpu().numpy()
         if self.output_space != "embedding":
             out[out < self.zero_below] = 0.0
+            if self.clip_max is not None:
+                np.minimum(out, self.clip_max, out=out)
         if was_training:
             m.train()
         return out
+
+
+    def _batch_index(self, batches: np.ndarray | None, n: int) -> np.ndarray:
+        if batches is None:
+            raise InputError("this model has a batch encoder: give the control cells' batch labels (celltwin "
+                             "predict reads them from the run's batch column)")
+        labels = np.asarray(batches).astype(str)
+        bad = sorted(set(labels.tolist()) - set(self.batch_ids))
+        if bad:
+            raise InputError(f"control cells: batch label(s) {', '.join(bad[:5])} are not among the model's batches "
+                             f"({', '.join(self.batch_ids)})")
+        return np.array([self.batch_ids[b] for b in labels], dtype=np.int64)
+
+
+def output_space_of(model: Any) -> str:
+    """What a loaded ST module predicts, in celltwin's terms: ``gene`` (its input genes), ``all`` (genes
+    through a decoder, the ``"genes"`` output) or ``embedding``."""
+    c = model.config
+    if getattr(model, "arch", "celltwin") == "arc-state":
+        if c.decode_genes:
+            return "all"
+        return "embedding" if c.input_space == "embedding" else "gene"
+    return c.output_space
+
+
+def load_st_module(directory: str | Path) -> Any:
+    """The ST module saved in ``directory``: celltwin's :class:`StateTransition`, or arc-state's
+    architecture (:class:`~celltwin.models.arc_transition.ArcStateTransition`) when config.json says
+    ``"arch": "arc-state"``."""
+    d = Path(directory)
+    cfg = d / "config.json"
+    if cfg.is_file():
+        try:
+            arch = json.loads(cfg.read_text()).get("arch", "celltwin")
+        except ValueError:
+            raise InputError(f"{cfg}: not valid JSON") from None
+        if arch == "arc-state":
+            from celltwin.models.arc_transition import ArcStateTransition
+
+            return ArcStateTransition.from_pretrained(d)
+    return StateTransition.from_pretrained(d)
 
 
 class StatePredictor(_Predictor):
@@ -173,7 +234,7 @@ class StatePredictor(_Predictor):
     def __init__(self, run_dir: str | Path, device: str = "auto") -> None:
         run_dir = Path(run_dir)
         d = run_dir / MODEL_SUBDIR
-        model = StateTransition.from_pretrained(d)
+        model = load_st_module(d)
         dev = "cuda" if (device == "auto" and torch.cuda.is_available()) else ("cpu" if device == "auto" else device)
         model.to(dev).eval()
         meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
@@ -189,7 +250,8 @@ class StatePredictor(_Predictor):
             bridge = SEBridge.build(se, se_dir, list(model.vocab.get("genes", [])), run_pre)
         opts = meta.get("state", {}).get("options", {})
         pert_genes = (opts["pert_embeddings"], opts.get("pert_hgnc", "")) if opts.get("pert_embeddings") else None
-        super().__init__(model, zero_below, bridge, pert_genes)
+        clip = opts.get("clip_max")
+        super().__init__(model, zero_below, bridge, pert_genes, clip_max=None if clip is None else float(clip))
 
 
 def load_state(run_dir: str | Path) -> StatePredictor:

@@ -246,7 +246,7 @@ def train_state(request: Any) -> dict:
         vocab["input_genes"] = list(request.input_genes)
     if request.embed_key:
         vocab["embed_key"] = [request.embed_key]
-    model = StateTransition(cfg, pert_table=pert_table, vocab=vocab)
+    model, init_report = _build_model(opts, cfg, pert_table, vocab, decode)
     vocabs = Vocabularies(perturbations=Vocab(label_vocab, "perturbation"),
                           contexts=Vocab(ctx_vocab, "context", unknown=ctx_vocab[0]),
                           batches=Vocab.from_values(labels.batch, "batch"), genes=Vocab(genes, "gene"))
@@ -300,7 +300,9 @@ def train_state(request: Any) -> dict:
         "precision": res.precision,  # what precision=auto resolved to (run.json; celltwin.runs)
         "device": res.device,  # moved into run.json's host.torch_device by celltwin.runs.train_run
         "state": {
-            "preset": opts.preset, "n_params": model.n_params(), "steps": res.step,
+            "preset": opts.preset, "n_params": sum(p.numel() for p in model.parameters()), "steps": res.step,
+            "arch": getattr(model, "arch", "celltwin"),
+            **({"init_from": init_report} if init_report else {}),
             "resumed_from": res.resumed_from, "train_seconds": round(res.seconds, 2),
             "cells_per_s": None if res.items_per_s is None else round(res.items_per_s, 1),
             "precision": res.precision,
@@ -311,6 +313,62 @@ def train_state(request: Any) -> dict:
             **({"se": {"model": se_how, "bridge": bridge.note, "dim": bridge.dim}} if bridge is not None else {}),
         }
     }
+
+
+def _arc_sizes(cfg: Any, decode: bool) -> dict[str, Any]:
+    """arc-state ST sizes for the run's data, from celltwin's STConfig of the same data."""
+    if cfg.input_space == "expression" and cfg.output_space == "all":
+        raise ConfigError("state option arch=arc-state: HVG input decoded to every gene (--hvg with output all) is "
+                          "not an arc-state configuration; use --output-space gene, or every gene of X")
+    out = {"input_dim": cfg.input_dim, "output_dim": cfg.input_dim, "pert_dim": cfg.n_perts,
+           "input_space": cfg.input_space, "decode_genes": decode, "gene_dim": cfg.n_genes if decode else 0,
+           "output_space": "all" if decode else ("gene" if cfg.input_space == "expression" else "embedding"),
+           "batch_dim": 0, "loss_weights": cfg.loss_weights, "gene_loss_weight": cfg.gene_loss_weight,
+           # arc-state's rule: ReLU on expression output, and when there is no gene decoder
+           "relu_output": cfg.input_space == "expression" or not decode}
+    return out
+
+
+def _build_model(opts: StateOptions, cfg: Any, pert_table: Any, vocab: dict, decode: bool) -> tuple[Any, dict]:
+    """The ST module of a run: celltwin's (``cfg``), arc-state's architecture (``arch``), or ``init_from``'s
+    architecture with the run's sizes and what fits of its weights (:mod:`celltwin.models.st_init`)."""
+    import logging
+
+    from celltwin.models.st_init import arch_config, init_model, read_init_source
+
+    if opts.init_from:
+        src = read_init_source(opts.init_from)
+        if src.arch == "arc-state":
+            from celltwin.models.arc_transition import ArcStateTransition
+
+            if pert_table is not None:
+                raise ConfigError("state option init_from: an arc-state model encodes perturbations one-hot; "
+                                  "pert_embeddings does not apply")
+            model = ArcStateTransition(arch_config(src, **_arc_sizes(cfg, decode), dropout=opts.dropout), vocab=vocab)
+        else:
+            sizes = {f: getattr(cfg, f) for f in ("input_dim", "n_perts", "n_contexts", "pert_emb_dim", "input_space",
+                                                  "n_genes", "loss_weights", "gene_loss_weight", "dropout",
+                                                  "decoder_residual")}
+            model = StateTransition(arch_config(src, output_space="", **sizes), pert_table=pert_table, vocab=vocab)
+        report = init_model(model, src)
+        log = logging.getLogger("celltwin")
+        log.info("init_from %s: %d tensors copied, %d partly copied by name, %d re-initialised%s",
+                 src.where, report["copied"], len(report["partially_copied"]), len(report["reinitialised"]),
+                 f" ({', '.join(report['reinitialised'])})" if report["reinitialised"] else "")
+        for k, v in report["partially_copied"].items():
+            log.info("init_from: %s: %d of %d %s carried over by name, the rest re-initialised",
+                     k, v["kept"], v["of"], v["by"].replace("_", " "))
+        return model, report
+    if opts.arch == "arc-state":
+        from celltwin.models.arc_transition import ArcStateTransition, ArcSTConfig
+
+        if pert_table is not None:
+            raise ConfigError("state option arch=arc-state: perturbations are one-hot (pert_embeddings does not apply)")
+        arc = ArcSTConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, mlp_hidden=cfg.mlp_hidden,
+                          n_encoder_layers=cfg.encoder_layers, n_decoder_layers=cfg.encoder_layers,
+                          set_size=cfg.set_size, dropout=cfg.dropout, **_arc_sizes(cfg, decode))
+        return ArcStateTransition(arc, vocab=vocab), {}
+    return StateTransition(cfg, pert_table=pert_table, vocab=vocab), {}
 
 
 def train_state_se(request: Any) -> dict:

@@ -423,17 +423,29 @@ class StateEmbeddingModel(nn.Module):
     def from_pretrained(
         cls, path: str | Path, map_location: str | torch.device = "cpu"
     ) -> StateEmbeddingModel:
-        """Load a model written by :meth:`save_pretrained` from a local directory."""
+        """Load a model written by :meth:`save_pretrained` from a local directory.
+
+        Anything else is taken as an arc-state SE model and loaded with its own architecture
+        (:func:`celltwin.models.arc_se_embed.load_arc_se`; the result is then an
+        :class:`~celltwin.models.arc_embedding.ArcStateEmbedding`, with arc-state's
+        ``model(input_ids, mask)`` and :meth:`~celltwin.models.arc_embedding.ArcStateEmbedding.embed`):
+        a ``celltwin import-state`` directory, an arc-state checkpoint (``.ckpt``) or a folder
+        with one, a Hugging Face cache folder, or a model id found in the local cache
+        (``"arcinstitute/SE-600M"``; nothing is downloaded).
+        """
         from safetensors.torch import load_file
 
         from celltwin.data.preprocess import read_genes_txt
         from celltwin.genes import load_gene_table
 
-        path = Path(path)
+        p = Path(path)
+        if not (p / "config.json").is_file() or _arch(p) == "arc-state":
+            # arc-state: a `celltwin import-state` directory, a checkpoint, a Hugging Face folder or id
+            from celltwin.models.arc_se_embed import load_arc_se
+
+            return load_arc_se(path, map_location)
+        path = p
         cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            msg = f"{path} is not a State Embedding model directory (no config.json)"
-            raise InputError(msg)
         meta = json.loads(cfg_file.read_text())
         if meta.get("format") != _FORMAT:
             msg = f"{cfg_file}: format {meta.get('format')!r}, expected {_FORMAT!r}"
@@ -450,3 +462,10 @@ class StateEmbeddingModel(nn.Module):
         model.load_state_dict(state)
         model.extra = meta.get("extra", {})
         return model.to(map_location).eval()
+
+
+def _arch(path: Path) -> str:
+    try:
+        return str(json.loads((path / "config.json").read_text()).get("arch", "celltwin"))
+    except ValueError:
+        return "celltwin"

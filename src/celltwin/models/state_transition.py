@@ -48,7 +48,7 @@ from celltwin.losses import LOSSES, set_loss
 from celltwin.models.presets import ST_PRESETS
 from celltwin.nn import MLP, LlamaEncoder
 
-__all__ = ["PRESETS", "STConfig", "StateTransition", "inverse_softplus", "sample_counts"]
+__all__ = ["PRESETS", "STConfig", "StateTransition", "inverse_softplus", "sample_counts", "save_st_dir", "st_loss"]
 
 _INPUT_SPACES = ("expression", "embedding")
 _OUTPUT_SPACES = ("gene", "all", "embedding")
@@ -146,6 +146,35 @@ PRESETS = ST_PRESETS  # tiny | small | state (celltwin.models.presets)
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     """``softplus^-1(y) = y + log(-expm1(-y))`` for ``y > 0`` (stable for small and large y)."""
     return y + torch.log(-torch.expm1(-y))
+
+
+def st_loss(c: Any, out: dict[str, torch.Tensor], target: torch.Tensor,
+            target_genes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The ST training loss of a config with ``loss_weights``, ``blur`` and ``gene_loss_weight``: the set
+    loss on ``out["pred"]`` vs ``target`` plus ``gene_loss_weight`` x the set loss on ``out["genes"]``
+    (parts named ``genes_*``) when both are there. Shared by celltwin's and arc-state's architectures."""
+    parts = set_loss(out["pred"], target, c.loss_weights, blur=c.blur)
+    if "genes" in out and target_genes is not None and c.gene_loss_weight > 0:
+        g = set_loss(out["genes"], target_genes, c.loss_weights, blur=c.blur)
+        parts = {**parts, **{f"genes_{k}": v for k, v in g.items() if k != "loss"}}
+        parts["loss"] = parts["loss"] + c.gene_loss_weight * g["loss"]
+    return parts
+
+
+def save_st_dir(module: nn.Module, directory: str | Path, config: dict[str, Any], name: str) -> None:
+    """``model.safetensors`` (the state_dict), ``config.json`` (``config``) and ``vocab.json``
+    (``module.vocab``), each written atomically: the files of an ST module directory."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(d / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "model": name})
+    with atomic_path(d / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_path(d / "vocab.json") as tmp:
+        tmp.write_text(json.dumps(module.vocab) + "\n")
 
 
 class StateTransition(nn.Module):
@@ -256,35 +285,29 @@ class StateTransition(nn.Module):
     def loss(self, out: dict[str, torch.Tensor], target: torch.Tensor,
              target_genes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Named loss parts: set loss on ``pred`` vs ``target`` (B, S', D) (+ ``genes_*`` on decoded genes)."""
-        c = self.config
-        parts = set_loss(out["pred"], target, c.loss_weights, blur=c.blur)
-        if "genes" in out and target_genes is not None and c.gene_loss_weight > 0:
-            g = set_loss(out["genes"], target_genes, c.loss_weights, blur=c.blur)
-            parts = {**parts, **{f"genes_{k}": v for k, v in g.items() if k != "loss"}}
-            parts["loss"] = parts["loss"] + c.gene_loss_weight * g["loss"]
-        return parts
+        return st_loss(self.config, out, target, target_genes)
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``model.safetensors``, ``config.json`` and ``vocab.json`` (each atomically)."""
-        from safetensors.torch import save_file
-
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(d / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", "model": "celltwin.StateTransition"})
-        with atomic_path(d / "config.json") as tmp:
-            tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        with atomic_path(d / "vocab.json") as tmp:
-            tmp.write_text(json.dumps(self.vocab) + "\n")
+        save_st_dir(self, directory, self.config.to_dict(), "celltwin.StateTransition")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> StateTransition:
-        """Load a model written by :meth:`save_pretrained`."""
+        """Load a model written by :meth:`save_pretrained`.
+
+        Also accepted (returning arc-state's architecture,
+        :class:`~celltwin.models.arc_transition.ArcStateTransition`, when that is what the files hold):
+        a celltwin run directory (its ``state/``), a ``celltwin import-state`` directory, an arc-state
+        ST run directory, a Hugging Face cache folder or a model id in the local cache (no download).
+        """
         from safetensors.torch import load_file
 
         d = Path(directory)
+        if (d / "state" / "config.json").is_file():
+            d = d / "state"
+        if not (d / "config.json").is_file() or json.loads((d / "config.json").read_text()).get("arch") == "arc-state":
+            return _load_arc(directory if not (d / "config.json").is_file() else d, map_location)
         for name in ("model.safetensors", "config.json", "vocab.json"):
             if not (d / name).exists():
                 raise InputError(f"ST model directory {d}: {name} not found")
@@ -297,3 +320,24 @@ class StateTransition(nn.Module):
         model = cls(cfg, pert_table=tensors.get("pert_table"), vocab=json.loads((d / "vocab.json").read_text()))
         model.load_state_dict(tensors)
         return model
+
+
+def _load_arc(src: str | Path, map_location: str) -> Any:
+    """arc-state's ST from an imported directory or an arc-state run (see StateTransition.from_pretrained)."""
+    from celltwin.models.arc_transition import ArcStateTransition
+
+    p = Path(src)
+    if (p / "config.json").is_file():
+        return ArcStateTransition.from_pretrained(p, map_location=map_location).eval()
+    from celltwin.state_import import find_source
+    from celltwin.state_import.st import read_st_run
+
+    source = find_source(src)
+    if source.kind != "st":
+        raise InputError(f"{src}: not an ST model (an arc-state SE checkpoint: use StateEmbeddingModel.from_pretrained)")
+    info = read_st_run(source)
+    vocab = {"genes": info["genes"], "perturbations": info["perts"], "batches": info["batches"],
+             "contexts": info["cell_types"]}
+    model = ArcStateTransition(info["config"], vocab=vocab)
+    model.load_state_dict(info["tensors"], strict=True)
+    return model.to(map_location).eval()
