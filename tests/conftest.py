@@ -2,7 +2,8 @@
 
 * :func:`make_screen` (fixture ``make_screen``): small Perturb-seq-like AnnData screens built in
   memory, the one builder for test data (no files shipped);
-* ``kill_after_checkpoint``: kill a training process once it has checkpointed (resume tests).
+* ``kill_after_checkpoint``: kill a training process once it has checkpointed (resume tests);
+* the ``reference`` marker (a test comparing against cell-eval, pdex, scanpy, ...) implies ``slow``.
 """
 
 from __future__ import annotations
@@ -158,6 +159,16 @@ def make_screen(
     for key, dim in (obsm or {}).items():
         a.obsm[key] = rng.normal(size=(len(recs), dim)).astype(np.float32)
     return a
+
+
+# ------------------------------------------------------------------------------------------ markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every ``reference`` test is also ``slow``: ``-m "not slow"`` (the quick loop) leaves out the
+    runs of cell-eval, pdex, scanpy, ... that the exactness tests compare against; ``make test`` runs
+    them all. The hand-computed exactness tests carry no marker and stay in the quick loop."""
+    for item in items:
+        if item.get_closest_marker("reference") is not None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", name="make_screen")

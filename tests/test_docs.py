@@ -108,6 +108,9 @@ def _run_guide(tmp_path: Path, monkeypatch, langs: tuple[str, ...]) -> dict:
     return ns
 
 
+# slow: the whole guide (training, prediction, evaluation; ~10 s on 2 cores); the quick loop keeps
+# the parsing check below (every block found, DATA named once)
+@pytest.mark.slow
 def test_guide_python_blocks_run(tmp_path, monkeypatch, one_thread):
     ns = _run_guide(tmp_path, monkeypatch, ("python",))
     # what the guide says it leaves behind

@@ -55,6 +55,7 @@ def test_energy_properties_and_numpy_reference(dtype):
     torch.testing.assert_close(energy_distance(x[:, perm], y), e)
 
 
+@pytest.mark.reference
 def test_energy_agrees_with_geomloss():
     from geomloss import SamplesLoss
 

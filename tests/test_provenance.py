@@ -93,6 +93,9 @@ def test_provenance_module_does_not_import_torch():
     assert r.stdout.strip() == "False"
 
 
+# slow: a `python -m celltwin train` process (~5 s on 2 cores); the quick loop keeps the in-process
+# run.json checks below and test_provenance_fields
+@pytest.mark.slow
 def test_train_cli_run_json_records_provenance(screen, tmp_path):
     """A baseline through the real command line: argv is what was passed, every input file is fingerprinted."""
     out = tmp_path / "run"

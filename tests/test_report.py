@@ -150,6 +150,8 @@ def _browser() -> str | None:
     return None
 
 
+# slow: two headless chromium runs (~6 s); the quick loop keeps the checks of the HTML itself
+@pytest.mark.slow
 def test_report_renders_in_a_real_browser(report, tmp_path):
     browser = _browser()
     if browser is None:

@@ -257,6 +257,7 @@ def test_cli_sim(tmp_path, capsys):
     assert rc == 2 and not (tmp_path / "x.h5ad").exists()
 
 
+@pytest.mark.reference
 def test_readable_by_cell_eval_baseline(tmp_path):
     from cell_eval import build_base_mean_adata
 
@@ -267,6 +268,7 @@ def test_readable_by_cell_eval_baseline(tmp_path):
     assert set(base.obs[PERT_COL].unique()) >= {CONTROL_LABEL}
 
 
+@pytest.mark.reference
 @pytest.mark.filterwarnings("ignore")
 def test_eval_pair_scores_with_cell_eval(tmp_path):
     """The reference evaluator ranks a correct prediction above a shuffled one (DES, PDS and MAE)."""

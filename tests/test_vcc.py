@@ -56,6 +56,7 @@ def _unpack(path, dest) -> dict[str, bytes]:
 
 
 # ----------------------------------------------------------------------------- normalisation
+@pytest.mark.reference
 @pytest.mark.parametrize("fmt", ["dense", "csr", "csc"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
 def test_normlog_bit_identical_to_cell_eval(counts_adata, fmt, dtype):
@@ -100,6 +101,7 @@ def test_is_counts_rules():
 
 
 # ----------------------------------------------------------------------------- prep (.vcc)
+@pytest.mark.reference
 @needs_tools
 @pytest.mark.parametrize(
     ("case", "kwargs"),
@@ -273,6 +275,7 @@ def _assert_same_rows_per_pert(mine: ad.AnnData, ref: ad.AnnData, atol: float) -
     assert list(mine.var_names) == list(ref.var_names) and mine.var.equals(ref.var)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("categorical", [True, False])
 @pytest.mark.parametrize("as_delta", [False, True])
 def test_baseline_matches_cell_eval_counts_input(counts_adata, categorical, as_delta):
@@ -290,6 +293,7 @@ def test_baseline_matches_cell_eval_counts_input(counts_adata, categorical, as_d
     assert (mine.X[ctrl] != ref.X[ctrl]).nnz == 0
 
 
+@pytest.mark.reference
 def test_baseline_matches_cell_eval_float64_and_counts_csv(counts_adata, tmp_path):
     from cell_eval import build_base_mean_adata
 
@@ -354,6 +358,7 @@ def test_baseline_bad_inputs_and_cli(counts_adata, tmp_path, capsys):
     assert not (tmp_path / "b2.h5ad").exists() and not (tmp_path / "de.csv").exists()
 
 
+@pytest.mark.reference
 def test_baseline_de_table_matches_cell_eval(counts_adata, tmp_path, capsys):
     from cell_eval import build_base_mean_adata
 
@@ -389,6 +394,7 @@ def test_baseline_de_table_matches_cell_eval(counts_adata, tmp_path, capsys):
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
+@pytest.mark.reference
 @pytest.mark.shared
 @needs_tools
 def test_prep_and_baseline_on_real_vcc_subset(tmp_path):

@@ -8,7 +8,8 @@ A split may hold out nothing: every cell then trains, and ``celltwin predict --c
 what to predict.
 
 Prediction (:func:`predict_from_files`) follows the policy of :mod:`celltwin.predict` (one
-context per file; cells per perturbation from ``--counts`` or the real test cells; control cells
+context per file unless several are asked for, each then predicted from its own controls; cells
+per perturbation from ``--counts``, the real test cells or ``--cells-per-pert``; control cells
 drawn with ``numpy.random.default_rng(seed)`` without replacement when there are enough) but
 never holds more than one perturbation's cells: each perturbation's control draw is read from
 disk, predicted and appended to the output as a CSR block (:class:`~celltwin.data.writer.CSRH5adWriter`),
@@ -136,7 +137,11 @@ def train_from_files(model: str, data: str | Path | None, split: str | Path, out
 
 @dataclass
 class PredictSummary:
-    """What :func:`predict_from_files` wrote."""
+    """What :func:`predict_from_files` wrote.
+
+    ``context`` is the one context predicted, or the contexts joined by ``,`` (``contexts`` lists
+    them); ``perturbations`` / ``n_cells`` run over every context, in the file's order.
+    """
 
     path: str
     context: str
@@ -145,6 +150,12 @@ class PredictSummary:
     n_cells: list[int]
     sources: dict[str, str] = field(default_factory=dict)
     uns: dict[str, Any] = field(default_factory=dict)
+    contexts: list[str] = field(default_factory=list)
+    controls: bool = True  # control rows written
+
+
+#: ``--format vcc2026`` of ``celltwin predict``: the 2026 upload's shape
+VCC2026_PREDICT = {"sample_counts": "poisson", "target_depth": 20_000.0, "cells_per_pert": 400}
 
 
 def _controls_dataset(path: str | Path, columns):
@@ -170,16 +181,49 @@ def _controls_dataset(path: str | Path, columns):
     return ds, rows
 
 
+class _SharedWriter:
+    """One output writer shared by several :func:`write_predictions` calls (one per context): entering
+    and leaving it does nothing, ``uns`` set by each call is kept for the caller to merge."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+        self.uns: dict[str, Any] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def append(self, block) -> None:
+        self.writer.append(block)
+
+
 def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | Path, *,
                        split: str | Path | None = None, counts: str | Path | None = None,
                        controls: str | Path | None = None, perturbations: Sequence[str] | None = None,
-                       context: str | None = None, repeat_mean: bool = False,
+                       context: str | Sequence[str] | None = None, repeat_mean: bool = False,
                        write_real: str | Path | None = None, seed: int = 0, columns=None,
-                       sample_counts: str | None = None, nb_theta: float = 10.0) -> PredictSummary:
+                       sample_counts: str | None = None, nb_theta: float = 10.0,
+                       all_contexts: bool = False, cells_per_pert: int | None = None,
+                       no_controls: bool = False, target_depth: float | None = None,
+                       vcc2026: bool = False) -> PredictSummary:
     """``celltwin predict`` (see the module docstring); returns what was written.
 
     ``data`` may be ``None`` when ``split`` is given (the split's datasets are read), else it is
     the file (folder, glob) holding the context's control cells.
+
+    Several contexts in one file: ``context`` a list of contexts, or ``all_contexts`` (every
+    context of the split's test pairs, else of the data). Each context is predicted from its own
+    control cells, with the same ``seed`` (so each context's rows are what a one-context run of it
+    writes), contexts one after the other (in the order given; sorted for ``all_contexts``).
+    ``cells_per_pert``: exactly that many cells per perturbation (over ``counts``' n_cells and the
+    real counts; ``counts`` then needs only a target_gene column, and an optional context column
+    gives each context its own list). ``no_controls``: no control rows. ``target_depth`` (with
+    ``sample_counts``): the controls' library sizes are rescaled so their median is this depth, per
+    context. ``vcc2026``: the 2026 upload's shape: :data:`VCC2026_PREDICT` for whichever of
+    ``sample_counts`` / ``target_depth`` / ``cells_per_pert`` is not given, no controls, every
+    context unless ``context`` is given, obs columns ``target_gene`` and ``context``.
     """
     import pandas as pd
 
@@ -190,6 +234,24 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
     from celltwin.eval._baseline import read_pert_counts
     from celltwin.runs import load_predictor, read_run
 
+    if vcc2026:
+        sample_counts = sample_counts or VCC2026_PREDICT["sample_counts"]
+        target_depth = VCC2026_PREDICT["target_depth"] if target_depth is None else target_depth
+        cells_per_pert = VCC2026_PREDICT["cells_per_pert"] if cells_per_pert is None else cells_per_pert
+        no_controls = True
+        all_contexts = all_contexts or context is None
+    if cells_per_pert is not None and int(cells_per_pert) < 1:
+        msg = f"predict: --cells-per-pert must be >= 1, got {cells_per_pert}"
+        raise ConfigError(msg)
+    if target_depth is not None:
+        if sample_counts is None:
+            raise ConfigError("predict: --target-depth needs --sample-counts (it sets the depth of the drawn counts)")
+        if not np.isfinite(target_depth) or target_depth <= 0:
+            msg = f"predict: --target-depth must be a positive number, got {target_depth}"
+            raise ConfigError(msg)
+    if all_contexts and context is not None:
+        raise ConfigError("predict: give --context or --all-contexts, not both")
+    multi = all_contexts or (context is not None and not isinstance(context, str))
     meta, genes = read_run(run_dir)
     pre = Preprocessing.load(run_dir)
     inputs = load_inputs(run_dir)
@@ -198,9 +260,23 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
         raise ConfigError(msg)
     # names: the flags (columns), then the split's [columns], then the run's, then the defaults
     run_columns = meta.get("columns")
-    table = None
-    if counts is not None:  # the VCC's target_gene,n_cells table (controls dropped), at least 1 cell each
-        table = {p: n for p, n in read_pert_counts(counts, min_cells=1).items() if p != CONTROL_LABEL}
+    table = None  # {context (None: every context): {perturbation: n_cells}}
+    if counts is not None:
+        if cells_per_pert is None:  # the VCC's target_gene,n_cells table (controls dropped), at least 1 cell each
+            table = {None: {p: n for p, n in read_pert_counts(counts, min_cells=1).items() if p != CONTROL_LABEL}}
+        else:  # a perturbation list (pert_counts.csv): n_cells not needed
+            from celltwin.eval._prep2026 import read_pert_list
+
+            table = read_pert_list(counts, default_n_cells=int(cells_per_pert))
+
+    def listed(c: str) -> dict[str, int | None]:
+        t = table.get(c, table.get(None))
+        if t is None:
+            msg = (f"counts file {counts}: no rows for context {c!r} (column 'context'); it lists contexts "
+                   f"{', '.join(sorted(str(k) for k in table))}")
+            raise InputError(msg)
+        return t
+
     if split is not None:
         dataset, sp_obj = open_training_data(split, data, columns, fallback=run_columns)
         rs = resolve_dataset_split(dataset, sp_obj, bool(meta.get("zeroshot_controls_in_train", False)))
@@ -220,51 +296,91 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
     ctx_all = dataset.obs[CONTEXT_COL].to_numpy(dtype=object)
     pert_all = dataset.obs[PERT_COL].to_numpy(dtype=object)
     contexts_present = sorted(set(ctx_all.tolist()))
-    explicit = list(perturbations) if perturbations else (list(table) if (table is not None and not pairs) else None)
-    if explicit is not None:
-        if context is None:
-            ctxs = sorted({c for c, _ in pairs}) or contexts_present
-            if len(ctxs) != 1:
-                msg = f"predict: give --context; the data has several contexts ({', '.join(ctxs)})"
-                raise ConfigError(msg)
-            context = ctxs[0]
-        pairs = [(context, p) for p in explicit]
-    if context is not None:
-        if context not in set(contexts_present):
-            msg = f"predict: context {context!r} not found in {where}; contexts present: {', '.join(contexts_present)}"
+    explicit = bool(perturbations) or (table is not None and not pairs)
+
+    def names_for(c: str) -> list[str]:
+        return list(perturbations) if perturbations else list(listed(c))
+
+    if not multi:
+        if explicit:
+            if context is None:
+                ctxs = sorted({c for c, _ in pairs}) or contexts_present
+                if len(ctxs) != 1:
+                    msg = f"predict: give --context; the data has several contexts ({', '.join(ctxs)})"
+                    raise ConfigError(msg)
+                context = ctxs[0]
+            pairs = [(context, p) for p in names_for(context)]
+        if context is not None:
+            if context not in set(contexts_present):
+                msg = (f"predict: context {context!r} not found in {where}; contexts present: "
+                       f"{', '.join(contexts_present)}")
+                raise InputError(msg)
+            pairs = [(c, p) for c, p in pairs if c == context]
+        if not pairs:
+            msg = f"predict: no perturbation to predict{f' in context {context!r}' if context else ''}"
             raise InputError(msg)
-        pairs = [(c, p) for c, p in pairs if c == context]
-    if not pairs:
-        msg = f"predict: no perturbation to predict{f' in context {context!r}' if context else ''}"
-        raise InputError(msg)
-    ctxs = sorted({c for c, _ in pairs})
-    if len(ctxs) > 1:
-        msg = f"predict: the test pairs span several contexts ({', '.join(ctxs)}); pick one with --context"
-        raise ConfigError(msg)
-    ctx = ctxs[0]
-    in_ctx = ctx_all == ctx
-    perts = [p for _, p in pairs]
-    if table is not None:
-        missing = [p for p in perts if p not in table]
-        if missing:
-            msg = f"counts file {counts}: no n_cells row for {', '.join(missing[:10])}"
-            raise InputError(msg)
-        n_cells = [table[p] for p in perts]
+        ctxs = sorted({c for c, _ in pairs})
+        if len(ctxs) > 1:
+            msg = (f"predict: the test pairs span several contexts ({', '.join(ctxs)}); pick one with --context, "
+                   "or --all-contexts")
+            raise ConfigError(msg)
     else:
-        n_cells = [int(np.sum(in_ctx & (pert_all == p))) for p in perts]
-        zero = [p for p, n in zip(perts, n_cells, strict=True) if n == 0]
-        if zero:
-            msg = (f"predict: no real cells of {', '.join(zero[:10])} in context {ctx!r} of {where} to take the "
-                   f"number of cells from; give --counts (a {PERT_COL},n_cells CSV)")
-            raise InputError(msg)
+        if all_contexts:
+            wanted = sorted({c for c, _ in pairs}) if (pairs and not explicit) else contexts_present
+        else:
+            wanted = list(dict.fromkeys(str(c) for c in context))
+            absent = [c for c in wanted if c not in set(contexts_present)]
+            if absent:
+                msg = (f"predict: context(s) {', '.join(map(repr, absent))} not found in {where}; contexts present: "
+                       f"{', '.join(contexts_present)}")
+                raise InputError(msg)
+        if explicit:
+            pairs = [(c, p) for c in wanted for p in names_for(c)]
+        else:
+            empty = [c for c in wanted if not any(pc == c for pc, _ in pairs)]
+            if empty:
+                msg = f"predict: the split holds out no perturbation in context(s) {', '.join(map(repr, empty))}"
+                raise InputError(msg)
+            pairs = [(c, p) for c in wanted for pc, p in pairs if pc == c]
+        if not pairs:
+            raise InputError("predict: no perturbation to predict")
+        ctxs = wanted
+    if multi and len(ctxs) > 1 and controls is not None:
+        raise ConfigError("predict: --controls holds one context's control cells; it cannot serve several "
+                          "contexts (leave --controls out: each context's controls are read from --data)")
+
+    jobs = []  # (context, perturbations, cells of each, control rows)
+    for c in ctxs:
+        perts = [p for pc, p in pairs if pc == c]
+        in_ctx = ctx_all == c
+        if cells_per_pert is not None:
+            n_cells = [int(cells_per_pert)] * len(perts)
+        elif table is not None:
+            t = listed(c)
+            missing = [p for p in perts if p not in t]
+            if missing:
+                msg = f"counts file {counts}: no n_cells row for {', '.join(missing[:10])}"
+                raise InputError(msg)
+            n_cells = [t[p] for p in perts]
+        else:
+            n_cells = [int(np.sum(in_ctx & (pert_all == p))) for p in perts]
+            zero = [p for p, n in zip(perts, n_cells, strict=True) if n == 0]
+            if zero:
+                msg = (f"predict: no real cells of {', '.join(zero[:10])} in context {c!r} of {where} to take the "
+                       f"number of cells from; give --counts (a {PERT_COL},n_cells CSV) or --cells-per-pert")
+                raise InputError(msg)
+        jobs.append([c, perts, n_cells, None])
     if controls is not None:
         cdata, crows = _controls_dataset(controls, dataset.columns)
+        jobs[0][3] = crows
     else:
-        cdata, crows = dataset, np.flatnonzero(in_ctx & (pert_all == CONTROL_LABEL))
-        if crows.size == 0:
-            label = dataset.columns.control_label if dataset.columns is not None else CONTROL_LABEL
-            msg = f"predict: context {ctx!r} of {where} has no control cells (label {label!r})"
-            raise InputError(msg)
+        cdata = dataset
+        for job in jobs:
+            job[3] = np.flatnonzero((ctx_all == job[0]) & (pert_all == CONTROL_LABEL))
+            if job[3].size == 0:
+                label = dataset.columns.control_label if dataset.columns is not None else CONTROL_LABEL
+                msg = f"predict: context {job[0]!r} of {where} has no control cells (label {label!r})"
+                raise InputError(msg)
     for s in cdata.sources:  # every run gene must be in the control file(s)
         pre.gene_index(s.var_names, f"data file {s.name}" if controls is None else f"controls file {s.name}")
     if inputs["embed_key"] and inputs["embed_key"] not in cdata.obsm_keys():
@@ -280,40 +396,105 @@ def predict_from_files(run_dir: str | Path, data: str | Path | None, out: str | 
         raise InputError(msg)
     predictor = load_predictor(run_dir)
     out_names = list(getattr(predictor, "output_names", genes))
-    m = int(crows.size)
     # the output keeps the data's own perturbation column, control label and context column names
     out_pert, out_ctrl, out_ctx = _output_columns(dataset)
-    labels = [p for p, n in zip(perts, n_cells, strict=True) for _ in range(n)] + [out_ctrl] * m
-    obs = pd.DataFrame({out_pert: pd.Categorical(labels), out_ctx: pd.Categorical([ctx] * len(labels))},
+    if vcc2026:  # the upload's names
+        out_pert, out_ctx = PERT_COL, CONTEXT_COL
+    labels: list[str] = []
+    ctx_labels: list[str] = []
+    for c, perts, n_cells, crows in jobs:
+        lab = [p for p, n in zip(perts, n_cells, strict=True) for _ in range(n)]
+        lab += [] if no_controls else [out_ctrl] * int(crows.size)
+        labels += lab
+        ctx_labels += [c] * len(lab)
+    obs = pd.DataFrame({out_pert: pd.Categorical(labels), out_ctx: pd.Categorical(ctx_labels)},
                        index=pd.Index([f"pred_{i}" for i in range(len(labels))]))
     var = pd.DataFrame(index=pd.Index(out_names))
-    info = {"context": ctx, "repeat_mean": bool(repeat_mean), "seed": int(seed),
-            "model": str(meta.get("model")), "run": str(run_dir), "output_space": inputs["output_space"],
-            "pert_col": out_pert, "control_label": out_ctrl, "context_col": out_ctx}
+    info = {"context": jobs[0][0] if len(jobs) == 1 else ",".join(ctxs), "repeat_mean": bool(repeat_mean),
+            "seed": int(seed), "model": str(meta.get("model")), "run": str(run_dir),
+            "output_space": inputs["output_space"], "pert_col": out_pert, "control_label": out_ctrl,
+            "context_col": out_ctx}
+    if multi:
+        info["contexts"] = np.asarray(ctxs, dtype=object)
+    if no_controls:
+        info["controls_written"] = False
+    if cells_per_pert is not None:
+        info["cells_per_pert"] = int(cells_per_pert)
     from celltwin.data.writer import CSRH5adWriter
 
-    sources, uns = write_predictions(lambda: CSRH5adWriter(out, obs, var), predictor, cdata, crows, pre, inputs,
-                                     perts, n_cells, ctx, seed=seed, repeat_mean=repeat_mean,
-                                     sample_counts=sample_counts, nb_theta=nb_theta, info=info,
-                                     where=f"run {run_dir}")
+    kw = {"seed": seed, "repeat_mean": repeat_mean, "sample_counts": sample_counts, "nb_theta": nb_theta,
+          "where": f"run {run_dir}"}
+    if no_controls:
+        kw["controls"] = False
+    if target_depth is not None:
+        kw["target_depth"] = float(target_depth)
+    if len(jobs) == 1:
+        c, perts, n_cells, crows = jobs[0]
+        sources, uns = write_predictions(lambda: CSRH5adWriter(out, obs, var), predictor, cdata, crows, pre,
+                                         inputs, perts, n_cells, c, info=info, **kw)
+    else:
+        sources, uns = _write_contexts(CSRH5adWriter(out, obs, var), jobs, predictor, cdata, pre, inputs, info, kw)
     if write_real is not None:
-        _write_real(dataset, ctx, perts, out_names, write_real, inputs)
-    return PredictSummary(str(out), ctx, len(labels), perts, n_cells, sources, uns)
+        _write_real(dataset, [(c, perts) for c, perts, _, _ in jobs], out_names, write_real, inputs)
+    all_perts = [p for _, perts, _, _ in jobs for p in perts]
+    all_n = [n for _, _, ns, _ in jobs for n in ns]
+    return PredictSummary(str(out), info["context"], len(labels), all_perts, all_n, sources, uns,
+                          contexts=list(ctxs), controls=not no_controls)
+
+
+def _write_contexts(writer, jobs, predictor, cdata, pre, inputs: dict, info: dict, kw: dict):
+    """Several contexts into one file: :func:`write_predictions` per context on a shared writer.
+
+    ``uns["celltwin_predict"]``: ``info``, with ``sources`` (perturbation, source, context arrays)
+    and ``controls_drawn_with_replacement`` (+ ``..._context``) over every context.
+    """
+    sources: dict[str, str] = {}
+    rec: dict[str, list[str]] = {"perturbation": [], "source": [], "context": []}
+    repl: list[str] = []
+    repl_ctx: list[str] = []
+    counts_info = None
+    with writer as w:
+        shared = _SharedWriter(w)
+        for c, perts, n_cells, crows in jobs:
+            src, uns_c = write_predictions(lambda: shared, predictor, cdata, crows, pre, inputs, perts, n_cells, c,
+                                           info=dict(info), **kw)
+            sources.update(src)
+            for p, v in src.items():
+                rec["perturbation"].append(p)
+                rec["source"].append(str(v))
+                rec["context"].append(c)
+            r = [str(x) for x in uns_c["celltwin_predict"]["controls_drawn_with_replacement"]]
+            repl += r
+            repl_ctx += [c] * len(r)
+            counts_info = uns_c["celltwin_predict"].get("counts", counts_info)
+        merged = dict(info)
+        merged["sources"] = {k: np.asarray(v, dtype=object) for k, v in rec.items()}
+        merged["controls_drawn_with_replacement"] = np.asarray(repl, dtype=object)
+        merged["controls_drawn_with_replacement_context"] = np.asarray(repl_ctx, dtype=object)
+        if counts_info is not None:
+            merged["counts"] = counts_info
+        uns = {"celltwin_predict": merged}
+        w.uns = uns
+    return sources, uns
 
 
 def write_predictions(open_writer, predictor, cdata, crows: np.ndarray, pre, inputs: dict, perts: list[str],
                       n_cells: list[int], ctx: str, *, seed: int = 0, repeat_mean: bool = False,
                       sample_counts: str | None = None, nb_theta: float = 10.0, info: dict | None = None,
-                      where: str = "run") -> tuple[dict[str, str], dict[str, Any]]:
+                      where: str = "run", controls: bool = True,
+                      target_depth: float | None = None) -> tuple[dict[str, str], dict[str, Any]]:
     """The prediction loop shared by ``celltwin predict`` and ``Model.predict``: ``(sources, uns)``.
 
     ``open_writer()`` returns the output writer (a context manager with ``append(block)`` and
     ``uns``: :class:`~celltwin.data.writer.CSRH5adWriter` for a file, or
     :class:`celltwin.predict.AnnDataWriter`). Each perturbation's control draw (rows of ``crows``
     of ``cdata``, ``numpy.random.default_rng(seed)`` in request order) is read, predicted by
-    ``predictor`` in context ``ctx`` and appended; then the controls themselves, in blocks.
-    ``info`` (the ``uns["celltwin_predict"]`` fields known to the caller) is completed with the
-    sources, the perturbations whose controls were drawn with replacement and the count model.
+    ``predictor`` in context ``ctx`` and appended; then the controls themselves, in blocks
+    (``controls=False``: not). ``info`` (the ``uns["celltwin_predict"]`` fields known to the caller)
+    is completed with the sources, the perturbations whose controls were drawn with replacement and
+    the count model. ``target_depth`` (with ``sample_counts``): the controls' library sizes are
+    multiplied by ``target_depth / median`` before the draws, so the drawn cells' library sizes
+    have that median.
     """
     m = int(crows.size)
     n_pred = int(sum(n_cells))
@@ -322,6 +503,8 @@ def write_predictions(open_writer, predictor, cdata, crows: np.ndarray, pre, inp
     counts_rng = np.random.default_rng([seed, 7])
     target_sum = pre.target_sum
     lib = None
+    if target_depth is not None and sample_counts is None:
+        raise ConfigError("target_depth needs sample_counts (the depth of drawn counts)")
     if sample_counts is not None:
         if target_sum is None:
             raise ConfigError("--sample-counts: the run was trained on log-normalised data (no normalize_total "
@@ -329,6 +512,13 @@ def write_predictions(open_writer, predictor, cdata, crows: np.ndarray, pre, inp
         if not _looks_like_counts(cdata):
             raise InputError("--sample-counts: the control cells do not hold integer counts")
         lib = cdata.library_sizes(crows)
+        if target_depth is not None:
+            med = float(np.median(lib)) if lib.size else 0.0
+            if not med > 0:
+                msg = (f"--target-depth: the control cells of context {ctx!r} have median library size {med:g}; "
+                       "expected > 0 to rescale")
+                raise InputError(msg)
+            lib = lib * (float(target_depth) / med)
         lib_draw = lib[counts_rng.integers(0, m, size=n_pred)]
     mean_ctrl = _mean_control(cdata, crows, pre) if repeat_mean else None
     sources: dict[str, str] = {}
@@ -378,7 +568,7 @@ def write_predictions(open_writer, predictor, cdata, crows: np.ndarray, pre, inp
             done += n
             if describe is not None:
                 sources[pert] = str(describe(pert, ctx))
-        for start in range(0, m, _BLOCK):
+        for start in range(0, m if controls else 0, _BLOCK):
             r = crows[start:start + _BLOCK]
             if inputs["output_space"] == "embedding":
                 w.append(_read_obsm(cdata, r, inputs["embed_key"]))
@@ -396,6 +586,10 @@ def write_predictions(open_writer, predictor, cdata, crows: np.ndarray, pre, inp
                 "dist": sample_counts, "theta": float(nb_theta) if sample_counts == "nb" else float("nan"),
                 "target_sum": float(target_sum),
                 "library_sizes": "totals of the context's real control cells, drawn with replacement"}
+            if target_depth is not None:
+                info["counts"]["target_depth"] = float(target_depth)
+                info["counts"]["library_sizes"] = ("totals of the context's real control cells, rescaled to median "
+                                                   "target_depth, drawn with replacement")
         w.uns = uns
     return sources, uns
 
@@ -443,8 +637,9 @@ def _mean_control(cdata, rows: np.ndarray, pre) -> np.ndarray:
     return sums.means()[0].astype(np.float32)
 
 
-def _write_real(dataset, ctx: str, perts: list[str], out_names: list[str], path, inputs: dict) -> None:
-    """The real cells of ``perts`` and the controls of ``ctx`` (raw values, the run's output genes)."""
+def _write_real(dataset, jobs, out_names: list[str], path, inputs: dict) -> None:
+    """The real cells of each ``(context, perturbations)`` of ``jobs`` and the controls of those contexts
+    (raw values, the run's output genes), in the data's row order."""
     import pandas as pd
 
     from celltwin.data.preprocess import Preprocessing
@@ -452,7 +647,9 @@ def _write_real(dataset, ctx: str, perts: list[str], out_names: list[str], path,
 
     pert_all = dataset.obs[PERT_COL].to_numpy(dtype=object)
     ctx_all = dataset.obs[CONTEXT_COL].to_numpy(dtype=object)
-    sel = (ctx_all == ctx) & (np.isin(pert_all, perts) | (pert_all == CONTROL_LABEL))
+    sel = np.zeros(dataset.n_obs, dtype=bool)
+    for ctx, perts in jobs:
+        sel |= (ctx_all == ctx) & (np.isin(pert_all, perts) | (pert_all == CONTROL_LABEL))
     rows = np.flatnonzero(sel)
     out_pert, out_ctrl, out_ctx = _output_columns(dataset)
     labels = np.where(pert_all[rows] == CONTROL_LABEL, out_ctrl, pert_all[rows])

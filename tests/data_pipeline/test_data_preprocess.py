@@ -43,6 +43,7 @@ def test_normalize_log1p_hand_computed(sparse, dtype):
     np.testing.assert_array_equal(raw.toarray() if sparse else raw, X.astype(np.float32))
 
 
+@pytest.mark.reference
 def test_median_and_scanpy_normalize_total():
     import scanpy as sc
 
@@ -111,6 +112,7 @@ def _counts(seed, n=400, G=250, batches=3):
     return a
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("batch_key", [None, "batch"])
 @pytest.mark.parametrize("seed", [0, 1])
@@ -144,6 +146,7 @@ def test_hvg_matches_scanpy_seurat_v3(sparse, batch_key, seed):
     assert len(select_hvg(ours)) == 40
 
 
+@pytest.mark.reference
 def test_hvg_backed_file_and_row_subset(tmp_path):
     import scanpy as sc
 

@@ -31,6 +31,7 @@ def _path(name):
     return p
 
 
+@pytest.mark.reference
 def test_hvg_matches_scanpy_on_vcc_subset():
     import anndata as ad
     import scanpy as sc

@@ -109,6 +109,7 @@ def inputs():
     return make_inputs()
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("fmt", ["dense", "csr"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_v2_matches_pdex(inputs, fmt, dtype):
@@ -134,6 +135,7 @@ def test_v2_matches_pdex(inputs, fmt, dtype):
     assert "P1" in set(got.feature) and "P1" in set(got.target)
 
 
+@pytest.mark.reference
 def test_explicit_zeros_equal_eliminated(inputs):
     X, labels, genes = inputs
     Xs = sp.csr_matrix(X.astype(np.float32))
@@ -185,6 +187,7 @@ def test_hand_computed_tiny():
     assert got.loc["a", "target_membership"] == 2 and got.loc["a", "ref_membership"] == 3
 
 
+@pytest.mark.reference
 def test_group_order_targets_and_ignored_labels(inputs):
     X, labels, genes = inputs
     lab = labels.copy()
@@ -355,6 +358,7 @@ def test_legacy_float32_emulation_matters():
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
+@pytest.mark.reference
 @pytest.mark.shared
 @pytest.mark.parametrize(
     ("name", "col", "control"),

@@ -82,6 +82,7 @@ res.write_csv(sys.argv[2] + "/res.csv")
 """
 
 
+@pytest.mark.reference
 @pytest.mark.slow
 @pytest.mark.skipif(
     not LEGACY_PY.exists(), reason="needs the legacy reference venv .venv-legacy (cell-eval 0.6.6)"

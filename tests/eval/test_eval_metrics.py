@@ -109,6 +109,7 @@ def test_normalize_median_rule(fmt):
     assert np.all(dense[0] == 0)
 
 
+@pytest.mark.reference
 def test_normalize_matches_scanpy():
     sc = pytest.importorskip("scanpy")
     ad = pytest.importorskip("anndata")

@@ -26,6 +26,7 @@ def test_score_hand():
     np.testing.assert_allclose(got["from_baseline"], [0.5, 0.25, 0.0, 0.25])
 
 
+@pytest.mark.reference
 def test_score_matches_cell_eval(tmp_path):
     ce = pytest.importorskip("cell_eval")
     pl = pytest.importorskip("polars")

@@ -125,6 +125,9 @@ def test_files_equal_anndata_and_batches(tmp_path, control_source, monkeypatch):
     _same(mem, disk)
 
 
+# slow: clustering_agreement's first call compiles umap's numba kernels (~9 s, not cached); the quick
+# loop keeps the streamed vcc metrics above
+@pytest.mark.slow
 def test_full_profile_cell_level_metrics_stream(monkeypatch):
     real = _screen(6, counts=True, sparse=True, dtype=np.float32)
     pred = _screen(7, counts=True, sparse=True, dtype=np.float32)

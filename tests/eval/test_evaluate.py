@@ -10,7 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 ad = pytest.importorskip("anndata")
-cell_eval = pytest.importorskip("cell_eval")
+# cell-eval is imported by the `reference` tests only (pytest.importorskip there): the quick loop
+# (-m "not slow") never pays its import
 
 from celltwin.errors import ConfigError
 from celltwin.eval import EvalConfig, evaluate
@@ -80,7 +81,7 @@ def _screen(
 
 
 def _cell_eval(pred, real, tmp_path, profile="vcc", skip_metrics=None):
-    from cell_eval import MetricsEvaluator
+    MetricsEvaluator = pytest.importorskip("cell_eval").MetricsEvaluator
 
     logging.disable(logging.CRITICAL)
     try:
@@ -141,6 +142,7 @@ CASES = {
 }
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("case", list(CASES))
 def test_vcc_matches_cell_eval(case, tmp_path):
     kr, kp = CASES[case]
@@ -157,6 +159,7 @@ def test_vcc_matches_cell_eval(case, tmp_path):
         assert row.loc["F", "overlap_at_N"] == 0.0  # no significant real gene
 
 
+@pytest.mark.reference
 def test_explicit_zeros_equal_eliminated(tmp_path):
     real = _screen(0, counts=True, sparse=True, dtype=np.float32, explicit_zeros=True)
     pred = _screen(1, counts=False, sparse=True, dtype=np.float32, explicit_zeros=True)
@@ -169,6 +172,7 @@ def test_explicit_zeros_equal_eliminated(tmp_path):
     _assert_same(ours, ref_res, ref_agg)
 
 
+@pytest.mark.reference
 def test_pds_profile_matches(tmp_path):
     real = _screen(2, counts=True, sparse=False, dtype=np.float32, tie_perts=True)
     pred = _screen(3, counts=False, sparse=True, dtype=np.float32, tie_perts=True)
@@ -178,6 +182,7 @@ def test_pds_profile_matches(tmp_path):
     _assert_same(ours, ref_res, ref_agg)
 
 
+@pytest.mark.reference
 def test_control_source_real_equals_substituted_controls(tmp_path):
     real = _screen(0, counts=False, sparse=True, dtype=np.float32)
     pred = _screen(4, counts=False, sparse=True, dtype=np.float32)
@@ -253,6 +258,7 @@ def test_de_tables_round_trip(tmp_path, fmt):
     assert res.de_pred["target_mean"].dtype == np.float64
 
 
+@pytest.mark.reference
 def test_de_csv_is_cell_evals_file(tmp_path):
     """--de-format csv writes byte for byte the real_de.csv / pred_de.csv that cell-eval writes."""
     real = _screen(0, counts=True, sparse=True, dtype=np.float32, tie_genes=True)
@@ -287,10 +293,11 @@ FULL_CASES = {
 }
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("case", list(FULL_CASES))
 def test_full_profile_matches_cell_eval(case, tmp_path):
     """Every full-profile column (clustering_agreement included), values and null/NaN placement in results.csv."""
-    from cell_eval import MetricsEvaluator
+    MetricsEvaluator = pytest.importorskip("cell_eval").MetricsEvaluator
 
     kr, kp = FULL_CASES[case]
     real, pred = _screen(0, **kr), _screen(1, **kp)
@@ -338,6 +345,9 @@ def test_full_profile_matches_cell_eval(case, tmp_path):
         assert (b == "").to_numpy().any()  # the null perturbation really produced nulls
 
 
+# slow: clustering_agreement's first call compiles umap's numba kernels (~10 s, not cached); the quick
+# loop keeps the full profile without it (tests/test_bad_inputs.py::test_eval_profile_full_with_two_perturbations)
+@pytest.mark.slow
 def test_clustering_agreement_identity_and_missing_extra(monkeypatch):
     """A prediction equal to the real file clusters identically (AMI 1); without the extra the column is left out."""
     from celltwin.eval import _evaluate
@@ -351,6 +361,7 @@ def test_clustering_agreement_identity_and_missing_extra(monkeypatch):
     assert "clustering_agreement" not in res.results.columns and "pearson_edistance" in res.results.columns
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("profile", ["minimal", "de"])
 def test_minimal_and_de_profiles_match_cell_eval(profile, tmp_path):
     """cell-eval's ``minimal`` and ``de`` profiles: same columns in the same order, same values."""
@@ -376,6 +387,7 @@ def test_minimal_and_de_profiles_match_cell_eval(profile, tmp_path):
         )
 
 
+@pytest.mark.reference
 def test_skip_metrics_matches_cell_eval(tmp_path):
     """skip_metrics takes cell-eval's names (de_nsig_counts covers its two columns) and column names."""
     real = _screen(0, counts=True, sparse=True, dtype=np.float32)
@@ -411,6 +423,7 @@ def _with_celltypes(a, seed):
     return a
 
 
+@pytest.mark.reference
 def test_celltype_col_matches_cell_eval_per_celltype(tmp_path):
     """``evaluate_by_celltype`` = cell-eval on each cell type's subsets (its --celltype-col)."""
     from celltwin.eval import evaluate_by_celltype
@@ -432,8 +445,9 @@ def test_celltype_col_matches_cell_eval_per_celltype(tmp_path):
     assert "K562_real_de.csv" in names and "results.csv" not in names
 
 
+@pytest.mark.reference
 def test_embed_key_matches_cell_eval(tmp_path):
-    from cell_eval import MetricsEvaluator
+    MetricsEvaluator = pytest.importorskip("cell_eval").MetricsEvaluator
 
     real = _screen(22, counts=False, sparse=True, dtype=np.float32)
     pred = _screen(23, counts=False, sparse=True, dtype=np.float32)

@@ -238,6 +238,9 @@ def test_loopback_master_addr_default(monkeypatch):
         distributed._default_loopback_master()
 
 
+# slow: two processes importing torch and meeting over gloo (~5 s on 2 cores); the quick loop keeps
+# the in-process rules of _default_loopback_master (test_loopback_master_addr_default)
+@pytest.mark.slow
 def test_two_ranks_without_master_addr_rendezvous_on_loopback(tmp_path):
     """RANK/WORLD_SIZE/MASTER_PORT only: the ranks meet on 127.0.0.1 (and train in sync)."""
     import socket

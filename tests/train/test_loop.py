@@ -131,6 +131,9 @@ def _run_script(out, steps, ckpt_every, sleep=0.0, env=None):
                             env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+# slow: two gloo training processes (~8-10 s on 2 cores); the quick loop keeps the in-process fit
+# tests above and test_checkpoint.py's loopback rendezvous rules
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     # The port is picked free, then bound by rank 0 a moment later: another process can take it in
     # between (seen once under heavy load). Only that failure is retried, on a fresh port.

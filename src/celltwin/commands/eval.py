@@ -35,6 +35,20 @@ names; de_nsig_counts leaves out both count columns).
 
 --mode legacy reproduces the 2025 leaderboard scorer (cell-eval 0.6.6 + pdex 0.1.27) instead.
 
+Profile vcc2026 (the 2026 challenge, cell-eval2 0.20.0 --preset vcc2026) scores six metrics per
+cellular context (pds_cosine, expr_mse_unbiased_capped_norm, de_wilcoxon_direction_fidelity_yield_raw,
+de_wilcoxon_direction_reach_raw, de_wilcoxon_sig_jaccard, de_wilcoxon_lfc_nmae) and places each on
+the scale s = (u - b) / (r - b): 0 is the mean-perturbation baseline b (the context's average
+response emitted as cells and scored like a submission), 1 the replicate r (the reference scored
+against itself by split halves, 5 seeds). expr_mse is clamped to [0, 1], lfc_nmae floored at -6. A
+context's score is the mean of its six; the score is the mean over the contexts of --context-col.
+The prediction holds raw integer counts (cell totals <= 1e6), the reference's genes in its order
+and its perturbations; the reference's control cells serve both sides. --bundle DIR caches b and r
+of every context (built on first use, reused after; a bundle of other reference data or another
+configuration is refused). --write-baseline FILE writes the baseline prediction (.h5ad). Outputs:
+results.csv (per perturbation), agg_results.csv (u, b, r, s per context and metric),
+replicate_splits.csv (the replicate's per-split values) and score.json.
+
 Outputs in -o DIR: results.csv (one row per perturbation), agg_results.csv (count, mean, std,
 quantiles per metric), real_de.parquet and pred_de.parquet (DE tables, pdex columns, one row per
 perturbation and gene), report.html (self-contained: summary, per-metric distributions, best and
@@ -64,10 +78,13 @@ Examples:
   celltwin eval --pred pred.h5ad --real real.h5ad -o eval_out
   celltwin eval --pred pred.h5ad --real real.h5ad --profile pds --control-source real -o out
   celltwin eval -ap pred.h5ad -ar real.h5ad --control-pert non-targeting --skip-metrics mae -o out
+  celltwin eval --profile vcc2026 -ap pred.h5ad -ar real.h5ad --context-col context --bundle ref.bundle -o out
 """
 
 # cell-eval's profiles (celltwin.eval._registry.PROFILES; spelled out to keep --help free of imports)
 PROFILES = ["vcc", "pds", "minimal", "de", "full"]
+# the 2026 challenge's profile: its own evaluator (celltwin.eval.v2026), not a cell-eval profile
+PROFILE_2026 = "vcc2026"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,8 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile",
         default="vcc",
-        choices=PROFILES,
-        help="metric set (default: vcc; minimal, de and full are cell-eval's profiles)",
+        choices=[*PROFILES, PROFILE_2026],
+        help="metric set (default: vcc; minimal, de and full are cell-eval's profiles; vcc2026: the 2026 "
+        "challenge, cell-eval2 --preset vcc2026)",
     )
     p.add_argument(
         "--skip-metrics",
@@ -158,6 +176,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="discrimination_score_l2 / _cosine on the pseudobulks of obsm[KEY] (cell-eval's --embed-key)",
     )
     p.add_argument("--no-report", action="store_true", help="skip report.html, report.md and their plots")
+    g = p.add_argument_group("profile vcc2026")
+    g.add_argument(
+        "--context-col",
+        default=None,
+        metavar="COL",
+        help="obs column of the cellular context: each context is scored on its own scale, the score "
+        "is their mean (default: one context)",
+    )
+    g.add_argument(
+        "--bundle",
+        default=None,
+        metavar="DIR",
+        help="reference bundle: the baseline and replicate of every context, built into DIR when absent "
+        "and reused when it matches the reference and configuration",
+    )
+    g.add_argument(
+        "--write-baseline",
+        default=None,
+        metavar="FILE",
+        help="also write the mean-perturbation baseline prediction to FILE (.h5ad)",
+    )
     p.add_argument("--no-progress", action="store_true", help="do not show progress")
 
 
@@ -189,10 +228,79 @@ def _read_de(path: str, flag: str):
     return table
 
 
+def _run_vcc2026(args: argparse.Namespace) -> int:
+    """``--profile vcc2026``: the 2026 scale (celltwin.eval.v2026.evaluate_2026)."""
+    from celltwin._io import check_outputs
+    from celltwin.errors import ConfigError
+
+    bad = [
+        flag
+        for flag, given in (
+            ("--skip-metrics", args.skip_metrics),
+            ("-dr/--de-real", args.de_real),
+            ("-dp/--de-pred", args.de_pred),
+            ("--mode legacy", args.mode != "v2"),
+            ("--celltype-col (use --context-col)", args.celltype_col),
+            ("--embed-key", args.embed_key),
+            ("--reorder-genes", args.reorder_genes),
+        )
+        if given
+    ]
+    if bad:
+        msg = f"--profile vcc2026 does not take {', '.join(bad)}"
+        raise ConfigError(msg)
+    # an existing bundle is read (it may be read-only); a new one is written
+    reuse = args.bundle is not None and os.path.isdir(args.bundle) and any(os.scandir(args.bundle))
+    check_outputs(
+        {"-o/--outdir": args.outdir, "--bundle": None if reuse else args.bundle, "--write-baseline": args.write_baseline},
+        {"--pred": args.pred, "--real": args.real, "--bundle": args.bundle if reuse else None},
+        dirs={"-o/--outdir", "--bundle"},
+    )
+    if args.num_threads is not None:
+        import numba
+
+        numba.set_num_threads(min(args.num_threads, numba.config.NUMBA_NUM_THREADS))
+    from celltwin.eval.v2026 import evaluate_2026
+
+    ev = evaluate_2026(
+        args.pred,
+        args.real,
+        pert_col=args.pert_col,
+        control_pert=args.control,
+        context_col=args.context_col,
+        bundle=args.bundle,
+        write_baseline_to=args.write_baseline,
+    )
+    paths = ev.write(args.outdir)
+    for _, row in ev.metrics.iterrows():
+        ctx = "" if args.context_col is None else f"{row['context']}\t"
+        print(f"{ctx}{row['metric']}\tu={row['u']:.6f}\tb={row['b']:.6f}\tr={row['r']:.6f}\ts={row['s']:.6f}")
+    if args.context_col is not None:
+        for ctx, value in ev.context_scores.items():
+            print(f"{ctx}\tscore\t{value:.6f}")
+    print(f"score\t{ev.score:.6f}")
+    what = "reused" if ev.bundle_reused else "wrote"
+    if args.bundle is not None:
+        print(f"{what} bundle {args.bundle}", file=sys.stderr)
+    if args.write_baseline is not None:
+        print(f"wrote baseline prediction {args.write_baseline}", file=sys.stderr)
+    print(f"wrote {len(paths)} files to {args.outdir}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from celltwin._io import check_outputs
+    from celltwin.errors import ConfigError
+
+    if args.profile == PROFILE_2026:
+        return _run_vcc2026(args)
+    given = [f for f, v in (("--context-col", args.context_col), ("--bundle", args.bundle),
+                            ("--write-baseline", args.write_baseline)) if v is not None]
+    if given:
+        msg = f"{', '.join(given)}: only with --profile vcc2026"
+        raise ConfigError(msg)
     from celltwin.eval import EvalConfig, evaluate
 
     check_outputs(

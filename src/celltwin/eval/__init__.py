@@ -9,6 +9,8 @@ Public API (imported lazily, so ``import celltwin.eval`` stays cheap):
   (the ``.vcc`` submission file).
 * :func:`cell_mean_baseline` / :func:`write_cell_mean_baseline`: cell-eval ``baseline``;
   :func:`vcc_baseline` (``train``, ``real``): the baseline the VCC score is normalised against.
+* VCC 2026: :func:`evaluate_2026` (cell-eval2 0.20.0 ``--preset vcc2026``, :mod:`celltwin.eval.v2026`)
+  and :func:`prep_vcc2026` (the ``vcc prep`` 0.3.0 submission archive).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ __all__ = [
     "PrepResult",
     "cell_mean_baseline",
     "evaluate",
+    "evaluate_2026",
     "evaluate_by_celltype",
     "prep_vcc",
+    "prep_vcc2026",
     "read_gene_list",
     "read_pert_counts",
     "score",
@@ -48,6 +52,8 @@ _LAZY = {
     "write_cell_mean_baseline": "celltwin.eval._baseline",
     "vcc_baseline": "celltwin.eval._baseline",
     "read_pert_counts": "celltwin.eval._baseline",
+    "evaluate_2026": "celltwin.eval.v2026._run",
+    "prep_vcc2026": "celltwin.eval._prep2026",
 }
 
 

@@ -52,10 +52,6 @@ class StateOptions(Options):
 
     what = "state option"
 
-    arch: str = option("celltwin", "celltwin | arc-state (arc-state 0.11.1's ST: MLP output head, residual in "
-                                    "hidden space, ReLU output; sizes from the preset)")
-    init_from: str = option("", "start from these weights: a celltwin run, an imported or an arc-state ST run "
-                                "(architecture from there; tensors that do not fit are re-initialised and listed)")
     preset: str = option("small", "model size: tiny | small | state (the published 696-wide, 8-layer configuration) "
                                   "| state-0.11 (arc-state 0.11.1's state.yaml: 768 wide, 1-layer encoders)")
     steps: int = option(400, "optimiser steps")
@@ -105,6 +101,11 @@ class StateOptions(Options):
     pert_embeddings: str = option("", "gene vector table encoding perturbations (unseen genes reachable); "
                                       "\"\" = one-hot")
     pert_hgnc: str = option("", "HGNC table (hgnc_genes.tsv) matching perturbation names through aliases")
+    # --- architecture variant and starting weights (arc-state checkpoints: celltwin import-state)
+    arch: str = option("celltwin", "celltwin | arc-state (arc-state 0.11.1's ST: MLP output head, residual in "
+                                    "hidden space, ReLU output; sizes from the preset)")
+    init_from: str = option("", "start from these weights: a celltwin run, an imported or an arc-state ST run "
+                                "(architecture from there; tensors that do not fit are re-initialised and listed)")
 
     def validate(self) -> None:
         from celltwin.models.presets import SE_PRESETS

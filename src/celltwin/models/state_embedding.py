@@ -443,7 +443,13 @@ class StateEmbeddingModel(nn.Module):
             # arc-state: a `celltwin import-state` directory, a checkpoint, a Hugging Face folder or id
             from celltwin.models.arc_se_embed import load_arc_se
 
-            return load_arc_se(path, map_location)
+            try:
+                return load_arc_se(path, map_location)
+            except InputError as e:
+                if p.is_dir() and not (p / "config.json").is_file():
+                    msg = f"{p} is not a State Embedding model directory (no config.json), nor an arc-state SE source: {e}"
+                    raise InputError(msg) from None
+                raise
         path = p
         cfg_file = path / "config.json"
         meta = json.loads(cfg_file.read_text())
