@@ -106,7 +106,8 @@ def test_model_classes_load_without_torch():
 
 # ---------------------------------------------------------------------------- baselines
 def test_baseline_classes_equal_the_cli_and_round_trip(screen, tmp_path):
-    from celltwin.pipeline import predict_from_files, train_from_files
+    from celltwin.pipeline import train_from_files
+    from celltwin.predict_files import predict_from_files
 
     a, train, target, counts = screen["adata"], screen["train"], screen["target"], screen["counts"]
     snap_a, snap_t = _snapshot(a), _snapshot(train)

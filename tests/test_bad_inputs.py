@@ -20,7 +20,8 @@ import pandas as pd
 import pytest
 
 from celltwin import cli
-from celltwin._io import STALE_AFTER_S, atomic_dir, atomic_path, check_outputs, clean_stale
+from celltwin._io import STALE_AFTER_S, atomic_dir, atomic_path, clean_stale
+from celltwin._output_checks import check_outputs
 from celltwin.errors import InputError
 
 # ------------------------------------------------------------------------------------------ data

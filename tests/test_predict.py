@@ -11,7 +11,6 @@ import scipy.sparse as sp
 from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
 from celltwin.errors import ConfigError, InputError
 from celltwin.eval._baseline import read_pert_counts
-from celltwin.pipeline import predict_from_files
 from celltwin.predict import (
     MODELS,
     PredictRequest,
@@ -21,6 +20,7 @@ from celltwin.predict import (
     summarize_sources,
     train_run,
 )
+from celltwin.predict_files import predict_from_files
 
 GENES = ["a", "b", "c"]
 

@@ -16,7 +16,7 @@ import pytest
 from celltwin import cli
 from celltwin.errors import ConfigError, InputError
 from celltwin.eval._prep2026 import prep_vcc2026
-from celltwin.pipeline import predict_from_files
+from celltwin.predict_files import predict_from_files
 
 PERTS = ("g1", "g2", "g3")  # perturbations named after genes of the screen
 CTXS = ("A", "B", "C")

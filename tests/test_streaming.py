@@ -26,8 +26,9 @@ from celltwin.data.dataset import CellDataset, DatasetFiles, expand_location
 from celltwin.data.preprocess import Preprocessing
 from celltwin.data.writer import CSRH5adWriter
 from celltwin.errors import InputError
-from celltwin.pipeline import predict_from_files, train_from_files
+from celltwin.pipeline import train_from_files
 from celltwin.predict import read_run
+from celltwin.predict_files import predict_from_files
 from celltwin.sim import simulate
 
 FAST_ST = {"preset": "tiny", "steps": "6", "batch_sets": "2", "progress": "false", "tensorboard": "false",

@@ -11,8 +11,7 @@ API (see :mod:`celltwin.api`) is reachable from here and loads on first access::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from celltwin._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -56,13 +55,4 @@ __all__ = [  # noqa: RUF022 - grouped as _LAZY
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # later lookups skip __getattr__
-        return value
-    raise AttributeError(f"module 'celltwin' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, cache=True)

@@ -12,7 +12,7 @@
 Every class here is a thin face of the same code the command line runs: ``train`` is
 :func:`celltwin.runs.train_run` on the AnnData (its cells read block by block, in memory),
 ``predict`` is the prediction loop of ``celltwin predict``
-(:func:`celltwin.pipeline.write_predictions`), so the same data, options and seed give the same
+(:func:`celltwin.predict_stream.write_predictions`), so the same data, options and seed give the same
 numbers as ``celltwin train`` / ``celltwin predict``. Options are the model's typed dataclass
 (:attr:`Model.options_class`; ``celltwin train --help`` lists them); keyword values must have the
 field's type (``steps=200``, not ``"200"``).
@@ -280,8 +280,8 @@ class Model:
         from celltwin.data.dataset import CellDataset
         from celltwin.data.inputs import load_inputs
         from celltwin.data.preprocess import Preprocessing
-        from celltwin.pipeline import write_predictions
         from celltwin.predict import AnnDataWriter
+        from celltwin.predict_stream import write_predictions
 
         predictor = self._require_trained()
         if sample_counts not in (None, "poisson", "nb"):

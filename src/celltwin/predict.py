@@ -4,7 +4,7 @@ The model registry is :mod:`celltwin.registry`; run directories (``train_run``, 
 ``load_predictor``, ``TrainRequest``) are :mod:`celltwin.runs` (re-exported here for older callers).
 The file-level flows of ``celltwin train`` / ``celltwin predict`` (streamed from disk, several
 files, bounded memory) are in :mod:`celltwin.pipeline`; the notebook classes (``Model.predict``)
-share their prediction loop (:func:`celltwin.pipeline.write_predictions`) and write with
+share their prediction loop (:func:`celltwin.predict_stream.write_predictions`) and write with
 :class:`AnnDataWriter`.
 
 Prediction policy (:func:`predict_cells`):

@@ -57,7 +57,7 @@ def test_legacy_vcc_matches_golden(case, de_source):
 
 
 def test_legacy_log2_rule():
-    from celltwin.eval._evaluate import legacy_log2_fold_change
+    from celltwin.eval._de_columns import legacy_log2_fold_change
 
     fc = np.array([1.0, 2.0, 0.05, 20.0, np.nan, 0.5], dtype=np.float32)
     got = legacy_log2_fold_change(fc)

@@ -3,7 +3,7 @@
 Background (issue 10): numba 0.68.1 updates a function's cache index with an unlocked
 read-modify-write, so two processes saving different signatures at once can leave an index
 entry that names a data file holding *another* signature's machine code; numba calls it
-without checking. celltwin's guard (end of ``celltwin/eval/_kernels.py``) locks the update
+without checking. celltwin's guard (``celltwin/eval/_numba_cache.py``) locks the update
 and verifies a header (celltwin tag, numba/llvmlite versions, boundscheck flag, source stamp,
 full key) on every load.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from celltwin.eval import _kernels as K
+from celltwin.eval import _bh, _gather, _means, _mwu, _mwu_legacy, _numba_cache, _pairwise
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_numba_cache_worker.py"
@@ -97,14 +97,14 @@ def test_concurrent_cold_cache_runs_agree(tmp_path):
     for got in (*cold, *warm):
         _assert_same(got, ref)
     # every mwu_block signature is in the index once, each data file holds exactly its key
-    (index,) = cache.glob("*/_kernels.mwu_block-*.nbi")
+    (index,) = cache.glob("*/_mwu.mwu_block-*.nbi")
     _, _, overloads = _read_index(index)
     assert len(overloads) == 2 and len(set(overloads.values())) == 2
-    n_hdr = len(K._cache_header(None))
+    n_hdr = len(_numba_cache._cache_header(None))
     for key, name in overloads.items():
         with open(index.parent / name, "rb") as fh:
             tup = pickle.loads(fh.read())
-        assert tup[0] == K._CACHE_TAG and tup[n_hdr] == key
+        assert tup[0] == _numba_cache._CACHE_TAG and tup[n_hdr] == key
 
 
 # slow: two cold-cache worker processes compile every kernel (~70 s on 2 busy cores); the guard's
@@ -119,7 +119,7 @@ def test_index_naming_another_signatures_code_is_recompiled(tmp_path):
     cache = tmp_path / "numba"
     ref = _reference()
     _assert_same(_run_workers(1, cache, tmp_path, "first")[0], ref)
-    (index,) = cache.glob("*/_kernels.mwu_block-*.nbi")
+    (index,) = cache.glob("*/_mwu.mwu_block-*.nbi")
     version, stamp, overloads = _read_index(index)
     by_dtype = {str(key[0][1].dtype): (key, name) for key, name in overloads.items()}
     key64, _ = by_dtype["float64"]
@@ -128,11 +128,11 @@ def test_index_naming_another_signatures_code_is_recompiled(tmp_path):
     _assert_same(_run_workers(1, cache, tmp_path, "after")[0], ref)
     _, _, repaired = _read_index(index)
     with open(index.parent / repaired[key64], "rb") as fh:
-        assert pickle.loads(fh.read())[len(K._cache_header(None))] == key64
+        assert pickle.loads(fh.read())[len(_numba_cache._cache_header(None))] == key64
 
 
 def _guarded_file(tmp_path: Path):
-    _base, _needed, guarded = K._make_guarded_class()
+    _base, _needed, guarded = _numba_cache._make_guarded_class()
     tmp_path.mkdir(parents=True, exist_ok=True)
     return guarded(str(tmp_path), "probe-1.py3", source_stamp="stamp-a")
 
@@ -170,7 +170,7 @@ def test_guarded_cache_file_roundtrip_and_rejections(tmp_path):
 
 def test_guarded_save_waits_for_the_cache_lock(tmp_path):
     cf = _guarded_file(tmp_path)
-    fd = os.open(tmp_path / K._LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fd = os.open(tmp_path / _numba_cache._LOCK_NAME, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # as if another process were updating the index
     done = threading.Event()
     t = threading.Thread(target=lambda: (cf.save(("k", "m"), [1, 2]), done.set()))
@@ -226,7 +226,7 @@ def test_no_kernel_uses_numbas_argsort():
     process that loads both from the on-disk cache links one in place of the other: a shared
     cache written by concurrent processes gave wrong p-values and a segfault in ``bh_rows``
     (rank-sum kernel and BH kernel cached by different processes). BH therefore sorts with
-    ``_kernels._argsort_nan_last``; this checks the compiled code of every kernel signature used
+    ``_bh._argsort_nan_last``; this checks the compiled code of every kernel signature used
     by a DE table for numba's argsort implementation.
     """
     sys.path.insert(0, str(HERE))
@@ -236,11 +236,15 @@ def test_no_kernel_uses_numbas_argsort():
         sys.path.remove(str(HERE))
     w.compute()  # compiles (or loads) every v2 kernel signature of dense64 / dense32 / csr32
     seen = 0
-    for name in dir(K):
-        disp = getattr(K, name)
+    dispatchers = {
+        (mod.__name__, name): getattr(mod, name)
+        for mod in (_gather, _mwu, _mwu_legacy, _means, _bh, _pairwise)
+        for name in dir(mod)
+    }
+    for (mod_name, name), disp in dispatchers.items():
         if not hasattr(disp, "inspect_llvm") or not getattr(disp, "signatures", None):
             continue
         for sig, ir in disp.inspect_llvm().items():
             seen += 1
-            assert "array_argsort" not in ir, f"{name}{sig} uses numba's argsort"
+            assert "array_argsort" not in ir, f"{mod_name}.{name}{sig} uses numba's argsort"
     assert seen >= 10

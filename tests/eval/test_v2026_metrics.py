@@ -1,4 +1,4 @@
-"""The six VCC 2026 metrics of one context (celltwin.eval.v2026._metrics / _de / _counts).
+"""The six VCC 2026 metrics of one context (celltwin.eval.v2026._metrics and the modules it uses).
 
 Hand-computed values on tiny matrices (pds_cosine, the expression metric's two legs, sig_jaccard,
 direction fidelity and reach), the input rule (check_counts), the jackknife's series form against
@@ -26,7 +26,10 @@ import pytest
 import scipy.sparse as sp
 
 from celltwin.errors import ConfigError, InputError
+from celltwin.eval.v2026 import _config as C
 from celltwin.eval.v2026 import _counts, _de
+from celltwin.eval.v2026 import _de_metrics as DM
+from celltwin.eval.v2026 import _jackknife as JK
 from celltwin.eval.v2026 import _metrics as M
 
 CTRL = "non-targeting"
@@ -100,12 +103,12 @@ def _context(seed: int = 0, *, fmt: str = "csr", dtype=np.float32, n_genes: int 
         X = X.astype(dtype)
         return sp.csr_matrix(X) if fmt == "csr" else X
 
-    real = M.ContextCounts(X=store(Xr), perts=lr, genes=genes)
-    pred = M.ContextCounts(X=store(Xp), perts=lp, genes=genes)
+    real = C.ContextCounts(X=store(Xr), perts=lr, genes=genes)
+    pred = C.ContextCounts(X=store(Xp), perts=lp, genes=genes)
     return real, pred, {"solo": solo, "ctrl_pred": "G003", "twins": ("G004", "G006")}
 
 
-def _anndata(cc: M.ContextCounts):
+def _anndata(cc: C.ContextCounts):
     ad = pytest.importorskip("anndata")
     obs = pd.DataFrame({"target": np.asarray(cc.perts).astype(str)}, index=[f"c{i}" for i in range(len(cc.perts))])
     return ad.AnnData(X=cc.X, obs=obs, var=pd.DataFrame(index=list(cc.genes)))
@@ -118,18 +121,18 @@ def _cell_eval2(real, pred, **overrides):
     cfg = replace(ce.EvalConfig.from_preset("vcc2026"), **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tidy = ce.compute_metrics(pred if not isinstance(pred, M.ContextCounts) else _anndata(pred),
-                                  real if not isinstance(real, M.ContextCounts) else _anndata(real), config=cfg)
+        tidy = ce.compute_metrics(pred if not isinstance(pred, C.ContextCounts) else _anndata(pred),
+                                  real if not isinstance(real, C.ContextCounts) else _anndata(real), config=cfg)
         agg = ce.aggregate_metrics(tidy)
     per = tidy.to_pandas().pivot(index="perturbation", columns="metric", values="value")
     return per, dict(zip(agg["metric"].to_list(), agg["mean"].to_list(), strict=True))
 
 
-def _assert_same(res: M.V2026Result, per: pd.DataFrame, agg: dict[str, float]) -> float:
+def _assert_same(res: C.V2026Result, per: pd.DataFrame, agg: dict[str, float]) -> float:
     """Every per-perturbation value (NaN where cell-eval2 has none) and aggregate within TOL."""
     worst = 0.0
     assert sorted(per.index) == list(res.per_pert.index)
-    for m in M.PER_PERT_COLUMNS:
+    for m in C.PER_PERT_COLUMNS:
         # cell-eval2 emits no row where a metric is undefined (lfc_nmae outside its gate): NaN
         col = per[m] if m in per else pd.Series(np.nan, index=per.index)
         theirs = col.reindex(res.per_pert.index).to_numpy(dtype=np.float64)
@@ -140,7 +143,7 @@ def _assert_same(res: M.V2026Result, per: pd.DataFrame, agg: dict[str, float]) -
             d = float(np.max(np.abs(ours[ok] - theirs[ok])))
             assert d <= TOL, (m, d)
             worst = max(worst, d)
-    for m in M.AGG_METRICS:
+    for m in C.AGG_METRICS:
         a, b = res.agg[m], agg.get(m, math.nan)
         assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= TOL, (m, a, b)
         if not math.isnan(a):
@@ -162,22 +165,22 @@ def test_pds_and_expression_by_hand():
     a, b, c = [[20, 0, 10, 10]] * 3, [[10, 10, 20, 0]] * 3, [[0, 20, 10, 10]] * 3
     genes = ["g0", "g1", "g2", "g3"]
     targets = {"A": None, "B": None, "C": None}
-    real = M.ContextCounts(X=sp.csr_matrix(np.array(ctrl + a + b + c, float)),
+    real = C.ContextCounts(X=sp.csr_matrix(np.array(ctrl + a + b + c, float)),
                            perts=np.array([CTRL] * 4 + ["A"] * 3 + ["B"] * 3 + ["C"] * 3), genes=genes)
-    pred = M.ContextCounts(X=np.array(a[:2] + ctrl[:3] + a, np.float32),
+    pred = C.ContextCounts(X=np.array(a[:2] + ctrl[:3] + a, np.float32),
                            perts=np.array(["A"] * 2 + ["B"] * 3 + ["C"] * 3), genes=genes)
     res = M.score_context(real, pred, targets=targets)
     pp = res.per_pert
-    assert pp.loc["A", M.PDS] == 1.0
-    assert pp.loc["B", M.PDS] == 0.5
-    assert pp.loc["C", M.PDS] == 0.0
-    assert res.agg[M.PDS] == 0.5
+    assert pp.loc["A", C.PDS] == 1.0
+    assert pp.loc["B", C.PDS] == 0.5
+    assert pp.loc["C", C.PDS] == 0.0
+    assert res.agg[C.PDS] == 0.5
     x, y = math.log(25001 / 12501), math.log1p(12500)
-    np.testing.assert_allclose(pp[M.EXPR_D].to_numpy(), [(x * x + y * y) / 4] * 3, rtol=1e-13)
-    np.testing.assert_allclose(pp[M.EXPR_N].to_numpy(), [0.0, (x * x + y * y) / 4, (x + y) ** 2 / 2],
+    np.testing.assert_allclose(pp[C.EXPR_D].to_numpy(), [(x * x + y * y) / 4] * 3, rtol=1e-13)
+    np.testing.assert_allclose(pp[C.EXPR_N].to_numpy(), [0.0, (x * x + y * y) / 4, (x + y) ** 2 / 2],
                                rtol=1e-13, atol=1e-13)
     expect = ((x * x + y * y) / 4 + (x + y) ** 2 / 2) / (3 * (x * x + y * y) / 4)
-    assert res.agg[M.EXPR] == pytest.approx(expect, rel=1e-13)
+    assert res.agg[C.EXPR] == pytest.approx(expect, rel=1e-13)
 
 
 def test_sig_jaccard_fidelity_reach_by_hand():
@@ -195,20 +198,20 @@ def test_sig_jaccard_fidelity_reach_by_hand():
     pred_a = [[30, 10, 0, 0, 10, 10, 10, 10]] * 20
     genes = [f"g{i}" for i in range(8)]
     targets = {"A": None, "B": None}
-    real = M.ContextCounts(X=np.array(ctrl + real_a + ctrl[:20], float),
+    real = C.ContextCounts(X=np.array(ctrl + real_a + ctrl[:20], float),
                            perts=np.array([CTRL] * 40 + ["A"] * 20 + ["B"] * 20), genes=genes)
-    pred = M.ContextCounts(X=sp.csr_matrix(np.array(pred_a + ctrl[:20], float)),
+    pred = C.ContextCounts(X=sp.csr_matrix(np.array(pred_a + ctrl[:20], float)),
                            perts=np.array(["A"] * 20 + ["B"] * 20), genes=genes)
     res = M.score_context(real, pred, targets=targets)
     pp = res.per_pert
-    assert pp.loc["A", M.JACCARD] == 0.5
-    assert pp.loc["B", M.JACCARD] == 1.0
-    assert pp.loc["A", M.FIDELITY] == pytest.approx(2 / 3, abs=0)
-    assert math.isnan(pp.loc["B", M.FIDELITY])
-    assert pp.loc["A", M.REACH] == pytest.approx(2 / 3, abs=0)
-    assert math.isnan(pp.loc["B", M.REACH])
-    assert pp[M.NMAE].isna().all()  # gates of 3 and 0 genes (< 10)
-    assert res.agg[M.JACCARD] == 0.75
+    assert pp.loc["A", C.JACCARD] == 0.5
+    assert pp.loc["B", C.JACCARD] == 1.0
+    assert pp.loc["A", C.FIDELITY] == pytest.approx(2 / 3, abs=0)
+    assert math.isnan(pp.loc["B", C.FIDELITY])
+    assert pp.loc["A", C.REACH] == pytest.approx(2 / 3, abs=0)
+    assert math.isnan(pp.loc["B", C.REACH])
+    assert pp[C.NMAE].isna().all()  # gates of 3 and 0 genes (< 10)
+    assert res.agg[C.JACCARD] == 0.75
     table = res.extra["de_real"]
     np.testing.assert_array_equal(np.flatnonzero(table.p_adj[0] < 0.05), [0, 1, 2])
     assert table.lfc[0, 0] == pytest.approx(math.log2(3), rel=1e-12)
@@ -246,23 +249,23 @@ def test_check_counts_cell_total(fmt):
 
 def test_config_and_input_errors():
     with pytest.raises(ConfigError, match="p_adj_threshold"):
-        M.V2026Config(p_adj_threshold=0.0)
+        C.V2026Config(p_adj_threshold=0.0)
     with pytest.raises(ConfigError, match="min_gate_size"):
-        M.V2026Config(min_gate_size=0)
+        C.V2026Config(min_gate_size=0)
     real, pred, _ = _context(1, n_genes=150)
     rs = M.prepare_real(real)
     with pytest.raises(InputError, match="another V2026Config"):
-        M.score_context(real, pred, real_stats=rs, config=M.V2026Config(p_adj_threshold=0.01))
-    bad = M.ContextCounts(X=pred.X, perts=np.where(pred.perts == "G007", "OTHER", pred.perts), genes=pred.genes)
+        M.score_context(real, pred, real_stats=rs, config=C.V2026Config(p_adj_threshold=0.01))
+    bad = C.ContextCounts(X=pred.X, perts=np.where(pred.perts == "G007", "OTHER", pred.perts), genes=pred.genes)
     with pytest.raises(InputError, match="1 missing .*'G007'.*1 not in the reference .*'OTHER'"):
         M.score_context(real, bad, real_stats=rs)
-    swapped = M.ContextCounts(X=pred.X, perts=pred.perts, genes=[*pred.genes[1:], pred.genes[0]])
+    swapped = C.ContextCounts(X=pred.X, perts=pred.perts, genes=[*pred.genes[1:], pred.genes[0]])
     with pytest.raises(InputError, match="gene axis differs"):
         M.score_context(real, swapped, real_stats=rs)
-    neg = M.ContextCounts(X=-sp.csr_matrix(pred.X), perts=pred.perts, genes=pred.genes)
+    neg = C.ContextCounts(X=-sp.csr_matrix(pred.X), perts=pred.perts, genes=pred.genes)
     with pytest.raises(InputError, match="non-negative"):
         M.score_context(real, neg, real_stats=rs)
-    nogene = M.ContextCounts(X=real.X, perts=np.where(real.perts == CTRL, CTRL, "X" + real.perts), genes=real.genes)
+    nogene = C.ContextCounts(X=real.X, perts=np.where(real.perts == CTRL, CTRL, "X" + real.perts), genes=real.genes)
     with pytest.raises(InputError, match="no perturbation label names a measured gene"):
         M.prepare_real(nogene)
     M.prepare_real(nogene, targets={"*": None})  # declared: no target genes
@@ -274,7 +277,7 @@ def test_prepared_reference_and_control_rows_are_reused():
     a = M.score_context(real, pred)
     b = M.score_context(None, pred, real_stats=rs)
     keep = pred.perts != CTRL
-    c = M.score_context(real, M.ContextCounts(X=pred.X[keep], perts=pred.perts[keep], genes=pred.genes), real_stats=rs)
+    c = M.score_context(real, C.ContextCounts(X=pred.X[keep], perts=pred.perts[keep], genes=pred.genes), real_stats=rs)
     for r in (b, c):
         pd.testing.assert_frame_equal(a.per_pert, r.per_pert, check_exact=True)
         assert a.agg == r.agg
@@ -291,16 +294,44 @@ def test_jackknife_series_matches_direct():
     g = _de.group_rows(labels, [str(k) for k in range(len(sizes))])
     P = _counts.group_sums(X, g.order, g.bounds, "x")
     lib = _counts.cell_totals(X)
-    fast = M.jackknife(X, g.order, g.bounds, P, lib, 5e4)
-    direct = M.jackknife(X, g.order, g.bounds, P, lib, 5e4, direct=True)
+    fast = JK.jackknife(X, g.order, g.bounds, P, lib, 5e4)
+    direct = JK.jackknife(X, g.order, g.bounds, P, lib, 5e4, direct=True)
     np.testing.assert_allclose(fast, direct, rtol=1e-12)
     assert (fast[1:] > 0).all()
+
+
+def test_jackknife_bitwise_whatever_the_thread_count():
+    # the accumulator chunks are fixed, not the thread count: a bundle built on 8 cores is reused
+    # on 2 with the same bits (the 1-ulp drift this test guards against broke bundle reuse)
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread")
+    rng = np.random.default_rng(5)
+    G, sizes = 200, [7, 300, 1200]
+    X = sp.csr_matrix(np.vstack([
+        rng.poisson(rng.gamma(0.3, 4.0, G)[None] * rng.uniform(0.5, 1.6, n)[:, None]) for n in sizes
+    ]).astype(np.float32))
+    labels = np.repeat(["a", "b", "c"], sizes)
+    g = _de.group_rows(labels, ["a", "b", "c"])
+    P = _counts.group_sums(X, g.order, g.bounds, "x")
+    lib = _counts.cell_totals(X)
+    prev = numba.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            numba.set_num_threads(n)
+            got.append(JK.jackknife(X, g.order, g.bounds, P, lib, 5e4))
+    finally:
+        numba.set_num_threads(prev)
+    assert got[0].tobytes() == got[1].tobytes()
+    assert (got[0] > 0).all()
 
 
 def test_mwu_merge_matches_mwu_block():
     """The sort-and-walk Mann-Whitney kernel gives mwu_block's (numba_mwu's) bits: heavy ties
     within and across groups, all-zero genes, groups of 1 cell, long runs (radix path)."""
-    from celltwin.eval import _kernels
+    from celltwin.eval import _mwu
 
     rng = np.random.default_rng(12)
     sizes = np.array([1, 2, 7, 60, 300, 150], dtype=np.int64)  # last group: the control
@@ -314,7 +345,7 @@ def test_mwu_merge_matches_mwu_block():
             seg.append(seg[-1] + m)
     seg_ptr, v = np.asarray(seg, dtype=np.int64), np.concatenate(vals)
     u1, p1, u2, p2 = (np.empty((k, n_genes)) for _ in range(4))
-    _kernels.mwu_block(seg_ptr, v, sizes, k, np.arange(k, dtype=np.int64), n_groups, u1, p1, 0)
+    _mwu.mwu_block(seg_ptr, v, sizes, k, np.arange(k, dtype=np.int64), n_groups, u1, p1, 0)
     _de.mwu_merge_block(seg_ptr, v, sizes, k, u2, p2, 0)
     np.testing.assert_array_equal(u1, u2)
     np.testing.assert_array_equal(p1, p2)
@@ -349,7 +380,7 @@ def test_jackknife_matches_cell_eval2():
     codes = np.repeat(np.arange(len(sizes)), sizes)
     theirs = moments.jackknife_correction(X, codes, len(sizes), 5e4)
     g = _de.group_rows(codes.astype(str), [str(k) for k in range(len(sizes))])
-    ours = M.jackknife(X, g.order, g.bounds, _counts.group_sums(X, g.order, g.bounds, "x"), _counts.cell_totals(X), 5e4)
+    ours = JK.jackknife(X, g.order, g.bounds, _counts.group_sums(X, g.order, g.bounds, "x"), _counts.cell_totals(X), 5e4)
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-300)
 
 
@@ -364,15 +395,15 @@ def test_matches_cell_eval2(fmt, dtype):
     _assert_same(res, per, agg)
     pp = res.per_pert
     # the edge cases are realised
-    assert pp.loc[info["ctrl_pred"], M.PDS] == 0.5  # zero effect: an all-tied row
+    assert pp.loc[info["ctrl_pred"], C.PDS] == 0.5  # zero effect: an all-tied row
     t0, t1 = info["twins"]
-    assert pp.loc[t0, M.EXPR_N] != pp.loc[t1, M.EXPR_N]
+    assert pp.loc[t0, C.EXPR_N] != pp.loc[t1, C.EXPR_N]
     table = res.extra["de_real"]
     k = table.perts.index(info["solo"])
     assert [real.genes[j] for j in np.flatnonzero(table.p_adj[k] < 0.05)] == [info["solo"]]
-    assert pp.loc[info["solo"], M.JACCARD] == 1.0  # its only significant gene is excluded
+    assert pp.loc[info["solo"], C.JACCARD] == 1.0  # its only significant gene is excluded
     assert not table.kept[140:].any() and table.kept[:140].any()
-    assert pp[M.NMAE].isna().any() and pp[M.NMAE].notna().any()
+    assert pp[C.NMAE].isna().any() and pp[C.NMAE].notna().any()
 
 
 @ref
@@ -412,11 +443,11 @@ def test_replicate_split_own_controls_match_cell_eval2():
     half_a, half_b = ceiling._disjoint_halves(_anndata(real), "target", CTRL, 2718)
     per, agg = _cell_eval2(half_a, half_b, control_source="pred")
     la, lb = (np.asarray(h.obs["target"]).astype(str) for h in (half_a, half_b))
-    A = M.ContextCounts(X=half_a.X, perts=la, genes=real.genes)
-    B = M.ContextCounts(X=half_b.X, perts=lb, genes=real.genes)
+    A = C.ContextCounts(X=half_a.X, perts=la, genes=real.genes)
+    B = C.ContextCounts(X=half_b.X, perts=lb, genes=real.genes)
     res = M.score_context(A, B, pred_controls=half_b.X[lb == CTRL])
     _assert_same(res, per, agg)
-    res2 = M.score_context(A, B, pred_controls=M.ContextCounts(X=half_b.X[lb == CTRL], perts=lb[lb == CTRL],
+    res2 = M.score_context(A, B, pred_controls=C.ContextCounts(X=half_b.X[lb == CTRL], perts=lb[lb == CTRL],
                                                                 genes=real.genes))
     assert res2.agg == res.agg
 
@@ -427,7 +458,7 @@ def test_fractional_prediction_matches_cell_eval2():
     real, _, _ = _context(9)
     rng = np.random.default_rng(9)
     Xp = sp.csr_matrix(real.X, dtype=np.float64).multiply(rng.uniform(0.3, 2.0, len(real.genes))[None, :])
-    pred = M.ContextCounts(X=sp.csr_matrix(Xp, dtype=np.float32), perts=real.perts, genes=real.genes)
+    pred = C.ContextCounts(X=sp.csr_matrix(Xp, dtype=np.float32), perts=real.perts, genes=real.genes)
     res = M.score_context(real, pred)
     _assert_same(res, *_cell_eval2(real, pred, allow_fractional_counts=True))
 
@@ -447,16 +478,16 @@ def test_lfc_nmae_replicate_matches_cell_eval2():
     from cell_eval2.lfc_nmae_ref import compute_lfc_nmae_reference
 
     real, _, _ = _context(11)
-    real = M.ContextCounts(X=real.X, perts=np.where(np.isin(real.perts, ["G000"]), CTRL, real.perts), genes=real.genes)
+    real = C.ContextCounts(X=real.X, perts=np.where(np.isin(real.perts, ["G000"]), CTRL, real.perts), genes=real.genes)
     ad_real = _anndata(real)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results, agg = compute_lfc_nmae_reference(ad_real, config=ce.EvalConfig.from_preset("vcc2026"), seed=31)
     half_a, half_b = ceiling._disjoint_halves(ad_real, "target", CTRL, 31)
     rs = M.prepare_real(real)
-    tables = [M.de_arrays(M.ContextCounts(X=h.X, perts=np.asarray(h.obs["target"]).astype(str), genes=real.genes))
+    tables = [DM.de_arrays(C.ContextCounts(X=h.X, perts=np.asarray(h.obs["target"]).astype(str), genes=real.genes))
               for h in (half_a, half_b)]
-    mean, n, values = M.lfc_nmae_with_gate(M.de_arrays(real, real_stats=rs), *tables, genes=real.genes)
+    mean, n, values = DM.lfc_nmae_with_gate(DM.de_arrays(real, real_stats=rs), *tables, genes=real.genes)
     theirs = results.to_pandas().set_index("perturbation")["nmae_ref_raw"]
     assert n == int(agg["n_perturbations"][0]) == len(theirs) > 0
     assert sorted(values) == sorted(theirs.index)

@@ -24,6 +24,9 @@ import scipy.sparse as sp
 ad = pytest.importorskip("anndata")
 
 from celltwin.cli import main
+from celltwin.eval.v2026 import _baseline as BL
+from celltwin.eval.v2026 import _config as C
+from celltwin.eval.v2026 import _replicate as R
 from celltwin.eval.v2026 import _scale as S
 
 CTRL = "non-targeting"
@@ -119,9 +122,9 @@ def evaluated(files):
     return ev
 
 
-def _context(a: ad.AnnData, c: str) -> S.ContextCounts:
+def _context(a: ad.AnnData, c: str) -> C.ContextCounts:
     sub = a[a.obs["context"] == c]
-    return S.ContextCounts(
+    return C.ContextCounts(
         X=sp.csr_matrix(sub.X),
         perts=sub.obs["target_gene"].astype(str).to_numpy(),
         genes=[str(g) for g in sub.var_names],
@@ -172,29 +175,29 @@ def test_scale_one_policies():
 
 def test_seeds_halves_and_group_order():
     # numpy.random.SeedSequence(0).generate_state(5): the five split seeds of the competition rule
-    assert S.derive_seeds() == [2968811710, 3677149159, 745650761, 2884920346, 2642120001]
+    assert R.derive_seeds() == [2968811710, 3677149159, 745650761, 2884920346, 2642120001]
     labels = np.array(["c"] * 7 + ["x"] * 1 + ["y"] * 4 + ["z"] * 5)
     X = sp.csr_matrix(np.arange(labels.size, dtype=np.float32)[:, None] + 1)
-    cc = S.ContextCounts(X=X, perts=labels, genes=["g"])
-    a, b = S.split_halves(cc, seed=3)
+    cc = C.ContextCounts(X=X, perts=labels, genes=["g"])
+    a, b = R.split_halves(cc, seed=3)
     va, vb = a.X.toarray().ravel(), b.X.toarray().ravel()
     assert not set(va) & set(vb)  # disjoint
     for lab, n in (("c", 3), ("x", 0), ("y", 2), ("z", 2)):  # floor(n/2); a 1-cell group is dropped
         assert (a.perts == lab).sum() == n == (b.perts == lab).sum()
     cat = pd.Categorical(["b", "a", "c", "a"], categories=["c", "d", "a", "b"])
-    assert S.group_order(cat) == ["c", "a", "b"]
-    assert S.group_order(["b", "a", "c"]) == ["a", "b", "c"]
+    assert R.group_order(cat) == ["c", "a", "b"]
+    assert R.group_order(["b", "a", "c"]) == ["a", "b", "c"]
 
 
 def test_baseline_by_hand():
     # 2 genes; controls have means (2, 4); perturbation g0 (targets gene 0) and g1 (targets gene 1)
     X = np.array([[1, 3], [3, 5], [4, 8], [2, 2], [6, 9], [0, 7]], dtype=np.float32)
     labels = np.array([CTRL, CTRL, "g0", "g0", "g1", "g1"])
-    cc = S.ContextCounts(X=sp.csr_matrix(X), perts=labels, genes=["g0", "g1"])
-    prof = S.baseline_profile(cc, control=CTRL)
+    cc = C.ContextCounts(X=sp.csr_matrix(X), perts=labels, genes=["g0", "g1"])
+    prof = BL.baseline_profile(cc, control=CTRL)
     # gene 0 leaves out g0 (its own knockdown): mean of g1's mean 3; gene 1 leaves out g1: g0's 5
     np.testing.assert_array_equal(prof.values, [3.0, 5.0])
-    bl = S.build_baseline(cc, control=CTRL)
+    bl = BL.build_baseline(cc, control=CTRL)
     np.testing.assert_array_equal(bl.perts, labels)
     Y = bl.X.toarray()
     np.testing.assert_array_equal(Y[:2], X[:2])  # the control rows are the real control cells
@@ -226,12 +229,12 @@ def test_baseline_and_halves_bitwise_as_cell_eval2(files):
         cc = _context(real, c)
         prof = generic_response_profile(sub, pert_col="target_gene", control=CTRL)
         ref = build_baseline_prediction(prof, sub, pert_col="target_gene", control=CTRL)
-        mine = S.build_baseline(cc, control=CTRL)
+        mine = BL.build_baseline(cc, control=CTRL)
         assert (sp.csr_matrix(ref.X) != mine.X).nnz == 0
-        order = S.group_order(sub.obs["target_gene"])
-        for seed in S.derive_seeds():
+        order = R.group_order(sub.obs["target_gene"])
+        for seed in R.derive_seeds():
             ha, hb = _disjoint_halves(sub, "target_gene", CTRL, seed)
-            ma, mb = S.split_halves(cc, seed=seed, order=order)
+            ma, mb = R.split_halves(cc, seed=seed, order=order)
             for h, m in ((ha, ma), (hb, mb)):
                 assert (sp.csr_matrix(h.X) != m.X).nnz == 0
                 np.testing.assert_array_equal(h.obs["target_gene"].astype(str).to_numpy(), m.perts)
@@ -424,7 +427,7 @@ def test_cli_end_to_end(files, evaluated, tmp_path, capsys):
     assert summary["context_scores"] == {c: evaluated.context_scores[c] for c in CONTEXTS}
     assert cap.out.strip().splitlines()[-1] == f"score\t{summary['score']:.6f}"
     splits = pd.read_csv(out / "replicate_splits.csv")
-    assert len(splits) == len(CONTEXTS) * S.N_SPLITS * len(S.METRICS)
+    assert len(splits) == len(CONTEXTS) * R.N_SPLITS * len(S.METRICS)
 
     # the same file from the API
     from celltwin.eval.v2026 import write_baseline

@@ -10,11 +10,11 @@ by ``celltwin train`` / ``celltwin predict`` (see :mod:`celltwin.registry`); the
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
+from celltwin._lazy import lazy_exports
 
 if TYPE_CHECKING:  # pragma: no cover
     from celltwin.baselines.models import Baseline
@@ -55,14 +55,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'celltwin.baselines' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 def train(request: TrainRequest) -> dict:

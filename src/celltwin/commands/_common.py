@@ -68,6 +68,10 @@ def progress_callback(label: str, unit: str = "", enabled: bool = True) -> Itera
         yield lambda done, total: prog.update(task, completed=done, total=total)
 
 
+#: the ObsColumns fields set by :func:`add_column_arguments` (``args`` attribute names)
+_COLUMN_FLAGS = ("pert_col", "control_label", "context_col", "batch_col")
+
+
 def add_column_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "data columns",
@@ -86,9 +90,8 @@ def add_column_arguments(p: argparse.ArgumentParser) -> None:
 
 def columns_from_args(args: argparse.Namespace):
     """An ObsColumns from the flags, or None when no flag was given (then the split's / run's apply)."""
-    names = ("pert_col", "control_label", "context_col", "batch_col")
-    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    if not given:
+    given = column_overrides(args)
+    if given is None:
         return None
     from celltwin.data.columns import ObsColumns
 
@@ -101,8 +104,7 @@ def column_overrides(args: argparse.Namespace) -> dict[str, str] | None:
     Unlike :func:`columns_from_args`, fields not given stay unset, so the split's ``[columns]`` and
     the run's names fill them (:func:`celltwin.data.columns.merge_columns`).
     """
-    names = ("pert_col", "control_label", "context_col", "batch_col")
-    given = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in _COLUMN_FLAGS if getattr(args, k, None) is not None}
     return given or None
 
 

@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.eval import write_cell_mean_baseline
 
     check_outputs(

@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from celltwin._io import atomic_dir, check_outputs
+    from celltwin._io import atomic_dir
+    from celltwin._output_checks import check_outputs
     from celltwin.demo import DemoConfig, run_demo
 
     check_outputs({"-o/--output": args.output}, dirs={"-o/--output"})

@@ -120,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
 
     check_outputs(
         {"-o/--output": args.output},
@@ -163,7 +163,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _transform(args: argparse.Namespace) -> int:
     from celltwin._constants import EMBED_KEY
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
 
     check_outputs({"-o/--output": args.output}, {"MODEL": args.model, "DATA": args.data, "--hgnc": args.hgnc})
     from celltwin.models.se_embed import transform

@@ -230,7 +230,7 @@ def _read_de(path: str, flag: str):
 
 def _run_vcc2026(args: argparse.Namespace) -> int:
     """``--profile vcc2026``: the 2026 scale (celltwin.eval.v2026.evaluate_2026)."""
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.errors import ConfigError
 
     bad = [
@@ -291,7 +291,7 @@ def _run_vcc2026(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.errors import ConfigError
 
     if args.profile == PROFILE_2026:

@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.genes import save_gene_table
     from celltwin.protein_embed import embed_fasta
 
@@ -62,7 +62,8 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _coverage(args: argparse.Namespace) -> int:
-    from celltwin._io import atomic_path, check_outputs
+    from celltwin._io import atomic_path
+    from celltwin._output_checks import check_outputs
     from celltwin.data.source import H5adSource
     from celltwin.genes import HgncIndex, align_gene_table, load_gene_table
 

@@ -101,8 +101,8 @@ def _contexts(value: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from celltwin._io import check_outputs
-    from celltwin.pipeline import predict_from_files
+    from celltwin._output_checks import check_outputs
+    from celltwin.predict_files import predict_from_files
 
     check_outputs({"-o/--output": args.output, "--write-real": args.write_real},
                   {"RUN_DIR": args.run_dir, "--data": args.data, "--split": args.split,

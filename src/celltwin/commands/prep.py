@@ -145,7 +145,7 @@ def _limit(value: int | None, default: int | None) -> int | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.errors import ConfigError
 
     fmt = getattr(args, "format", "vcc2025")
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_2026(args: argparse.Namespace, out: str) -> int:
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.eval import _prep2026 as p26
 
     if not args.dry_run:

@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _agg_only(args: argparse.Namespace) -> int:
-    from celltwin._io import atomic_path, check_outputs
+    from celltwin._io import atomic_path
+    from celltwin._output_checks import check_outputs
     from celltwin.eval import score
 
     check_outputs(
@@ -163,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from celltwin._io import atomic_path, check_outputs
+    from celltwin._io import atomic_path
+    from celltwin._output_checks import check_outputs
     from celltwin.commands._common import column_overrides
     from celltwin.eval import VCC_BASELINE_NAME, EvalConfig
     from celltwin.eval._score import score_vs_vcc_baseline

@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.sim import SimConfig, write_simulated
 
     check_outputs({"-o/--output": args.output})

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from celltwin._constants import CONTEXT_COL, CONTROL_LABEL, PERT_COL
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.data.columns import ObsColumns, require_columns
     from celltwin.data.source import H5adSource
     from celltwin.data.split import resolve_split

@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from celltwin._io import check_outputs
+    from celltwin._output_checks import check_outputs
     from celltwin.errors import ConfigError
 
     check_outputs({"-o/--output": args.output},

@@ -15,8 +15,7 @@ Public API (imported lazily, so ``import celltwin.eval`` stays cheap):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from celltwin._lazy import lazy_exports
 
 __all__ = [
     "PROFILES",
@@ -38,7 +37,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "EvalConfig": "celltwin.eval._evaluate",
+    "EvalConfig": "celltwin.eval._config",
     "EvalResult": "celltwin.eval._results",
     "evaluate": "celltwin.eval._evaluate",
     "evaluate_by_celltype": "celltwin.eval._evaluate",
@@ -57,11 +56,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'celltwin.eval' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

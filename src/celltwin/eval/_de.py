@@ -19,42 +19,21 @@ import pandas as pd
 import scipy.sparse as sp
 
 from celltwin.errors import InputError
-from celltwin.eval import _de_cache, _kernels
+from celltwin.eval import _de_cache
+from celltwin.eval._de_legacy import LEGACY_DE_COLUMNS, de_legacy
+from celltwin.eval._de_v2 import DE_COLUMNS, concat_v2_arrays, de_v2_arrays, de_v2_frame
 
-__all__ = ["DE_COLUMNS", "LEGACY_DE_COLUMNS", "DEMode", "de_table"]
+__all__ = [
+    "DE_COLUMNS",
+    "LEGACY_DE_COLUMNS",
+    "DEMode",
+    "concat_v2_arrays",
+    "de_table",
+    "de_v2_arrays",
+    "de_v2_frame",
+]
 
 DEMode = Literal["v2", "legacy"]
-
-#: Columns of a ``mode="v2"`` table, in order (pdex 0.3.0 ``mode="ref"`` output).
-DE_COLUMNS = (
-    "target",
-    "feature",
-    "target_mean",
-    "ref_mean",
-    "target_membership",
-    "ref_membership",
-    "log2_fold_change",
-    "percent_change",
-    "p_value",
-    "statistic",
-    "fdr",
-)
-
-#: Columns of a ``mode="legacy"`` table, in order (pdex 0.1.27 output).
-LEGACY_DE_COLUMNS = (
-    "target",
-    "reference",
-    "feature",
-    "target_mean",
-    "reference_mean",
-    "percent_change",
-    "fold_change",
-    "p_value",
-    "statistic",
-    "fdr",
-)
-
-_BLOCK_BYTES = 64 << 20  # target size of one gene block's gathered values
 
 
 def de_table(
@@ -183,7 +162,7 @@ def de_table(
     stored value is read once per call) or from the dense array. Per gene the control
     values are sorted once and reused for every perturbation: v2 locates each perturbed
     value in the sorted controls through a bucket index and never sorts the perturbation
-    (see :func:`celltwin.eval._kernels.mwu_block`), which is O(nnz) per perturbation.
+    (see :func:`celltwin.eval._mwu.mwu_block`), which is O(nnz) per perturbation.
     Extra memory is one block of gathered values (about 64 MiB) plus the output table.
     Numba kernels are compiled with ``cache=True`` (first use in a fresh environment
     compiles for a few seconds) and run in parallel over genes.
@@ -236,9 +215,9 @@ def de_table(
         numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
     try:
         if mode == "v2":
-            frame = _de_v2(X, codes, ctrl_code, test_codes, target_names, genes_arr)
+            frame = de_v2_frame(de_v2_arrays(X, codes, ctrl_code, test_codes), target_names, genes_arr)
         else:
-            frame = _de_legacy(X, codes, ctrl_code, test_codes, target_names, control, genes_arr)
+            frame = de_legacy(X, codes, ctrl_code, test_codes, target_names, control, genes_arr)
     finally:
         if prev_threads is not None:
             import numba
@@ -313,277 +292,3 @@ def _groups(labels: object, mode: str) -> tuple[list[str], np.ndarray]:
     codes = np.asarray(fcodes, dtype=np.int64)
     names = [str(v) for v in uniq]
     return names, codes
-
-
-def _name_column(names: Sequence[object], idx: np.ndarray) -> pd.Categorical | np.ndarray:
-    """``names[idx]`` as a pandas Categorical (categories in ``names`` order), or as an object
-    array when ``names`` repeat. A table holds each perturbation and gene name a few hundred
-    thousand times; a Categorical stores them once plus integer codes, which is what makes
-    building, caching and writing a 904,000-row table cheap. Values compare, print and
-    export (CSV, parquet) exactly as the strings do."""
-    arr = np.asarray([str(v) for v in names], dtype=object)
-    if pd.Index(arr).is_unique:
-        return pd.Categorical.from_codes(idx.astype(np.int32, copy=False), categories=pd.Index(arr, dtype=object))
-    return arr[idx]
-
-
-def _row_layout(codes: np.ndarray, use: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of the groups in ``use`` ordered by position in ``use`` then by row.
-
-    Returns ``row_order`` (int64), ``row_group`` (local group per row), ``group_ptr``
-    and ``group_sizes`` (int64, one per local group).
-    """
-    local = np.full(int(codes.max(initial=-1)) + 2, -1, dtype=np.int64)
-    local[np.asarray(use, dtype=np.int64)] = np.arange(len(use))
-    lc = local[codes]  # codes == -1 -> local[-1] == -1 (the sentinel slot)
-    rows = np.flatnonzero(lc >= 0)
-    order = np.argsort(lc[rows], kind="stable")
-    row_order = rows[order].astype(np.int64)
-    row_group = lc[row_order]
-    sizes = np.bincount(row_group, minlength=len(use)).astype(np.int64)
-    group_ptr = np.zeros(len(use) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=group_ptr[1:])
-    return row_order, row_group, group_ptr, sizes
-
-
-def _block_size(X: np.ndarray | sp.csr_matrix, n_rows_used: int) -> int:
-    n_genes = X.shape[1]
-    if sp.issparse(X):
-        per_gene = max(1.0, X.nnz / max(1, n_genes) * (n_rows_used / max(1, X.shape[0])))
-    else:
-        per_gene = float(max(1, n_rows_used))
-    b = int(_BLOCK_BYTES / (per_gene * X.dtype.itemsize))
-    return max(8, min(n_genes, b, 4096))
-
-
-def iter_blocks(X: np.ndarray | sp.csr_matrix, row_order: np.ndarray, row_group: np.ndarray,
-                group_ptr: np.ndarray):
-    """Yield ``(g0, g1, seg_ptr, vals)`` gene blocks (see :mod:`celltwin.eval._kernels`)."""
-    n_genes = X.shape[1]
-    n_groups = group_ptr.shape[0] - 1
-    bs = _block_size(X, row_order.shape[0])
-    import numba
-
-    n_chunks = max(1, min(numba.get_num_threads(), row_order.shape[0]))
-    if sp.issparse(X):
-        indptr = X.indptr.astype(np.int64, copy=False)
-        cursor = indptr[row_order].copy()
-        for g0 in range(0, n_genes, bs):
-            g1 = min(n_genes, g0 + bs)
-            seg_ptr, vals = _kernels.csr_block(
-                indptr, X.indices, X.data, row_order, row_group, cursor, g0, g1, n_groups, n_chunks
-            )
-            yield g0, g1, seg_ptr, vals
-    else:
-        for g0 in range(0, n_genes, bs):
-            g1 = min(n_genes, g0 + bs)
-            seg_ptr, vals = _kernels.dense_block(X, row_order, row_group, g0, g1, n_groups, n_chunks)
-            yield g0, g1, seg_ptr, vals
-
-
-# --------------------------------------------------------------------------------------------
-# v2 (pdex 0.3.0)
-# --------------------------------------------------------------------------------------------
-
-
-def _de_v2(
-    X: np.ndarray | sp.csr_matrix,
-    codes: np.ndarray,
-    ctrl_code: int,
-    test_codes: list[int],
-    target_names: list[str],
-    genes: np.ndarray,
-) -> pd.DataFrame:
-    return de_v2_frame(de_v2_arrays(X, codes, ctrl_code, test_codes), target_names, genes)
-
-
-def de_v2_arrays(
-    X: np.ndarray | sp.csr_matrix, codes: np.ndarray, ctrl_code: int, test_codes: list[int]
-) -> dict[str, np.ndarray]:
-    """The v2 statistics of ``test_codes`` against ``ctrl_code`` as ``(K, G)`` / ``(G,)`` arrays.
-
-    Every value of a test row depends only on that group's cells and the control cells, so the
-    arrays of several calls over disjoint sets of tests (each with the same control cells)
-    concatenate to the arrays of one call over all of them (the streamed evaluator relies on it).
-    """
-    n_genes = X.shape[1]
-    use = [*test_codes, ctrl_code]  # local group ids: tests 0..K-1, control K
-    k = len(test_codes)
-    row_order, row_group, group_ptr, sizes = _row_layout(codes, use)
-    dtype = X.dtype
-    inv_sizes = np.asarray([dtype.type(1.0 / n) for n in sizes], dtype=dtype)
-    pre = np.zeros((k + 1, n_genes), dtype=dtype)
-    stat = np.empty((k, n_genes), dtype=np.float64)
-    pval = np.empty((k, n_genes), dtype=np.float64)
-    tests = np.arange(k, dtype=np.int64)
-    scaled = bool(sp.issparse(X))
-    for g0, _g1, seg_ptr, vals in iter_blocks(X, row_order, row_group, group_ptr):
-        _kernels.means_block(seg_ptr, vals, sizes, inv_sizes, k + 1, scaled, pre, g0)
-        if k:
-            _kernels.mwu_block(seg_ptr, vals, sizes, k, tests, k + 1, stat, pval, g0)
-    means = _kernels.expm1_rows(pre)
-    target_mean = means[:k]
-    ref_mean = means[k]
-    lfc, pc = _kernels.lfc_pc_rows(target_mean, ref_mean, 0.0)
-    fdr = _kernels.bh_rows(pval) if k else np.empty((0, n_genes))
-    return {
-        "target_mean": target_mean,
-        "ref_mean": ref_mean,
-        "sizes": sizes,
-        "log2_fold_change": lfc,
-        "percent_change": pc,
-        "p_value": pval,
-        "statistic": stat,
-        "fdr": fdr,
-    }
-
-
-def concat_v2_arrays(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Join :func:`de_v2_arrays` results of disjoint test sets (same controls) in the given order."""
-    if len(parts) == 1:
-        return parts[0]
-    out = {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if name not in ("ref_mean", "sizes")}
-    out["ref_mean"] = parts[0]["ref_mean"]
-    out["sizes"] = np.concatenate([p["sizes"][:-1] for p in parts] + [parts[0]["sizes"][-1:]])
-    return out
-
-
-def de_v2_frame(arrays: dict[str, np.ndarray], target_names: list[str], genes: np.ndarray) -> pd.DataFrame:
-    """The pdex-shaped table (:data:`DE_COLUMNS`) of :func:`de_v2_arrays` output."""
-    n_genes = genes.shape[0]
-    k = len(target_names)
-    sizes = arrays["sizes"]
-    n = k * n_genes
-    return pd.DataFrame(
-        {
-            "target": _name_column(target_names, np.repeat(np.arange(k), n_genes)),
-            "feature": _name_column(genes, np.tile(np.arange(n_genes), k)),
-            "target_mean": arrays["target_mean"].reshape(n),
-            "ref_mean": np.tile(arrays["ref_mean"], k),
-            "target_membership": np.repeat(sizes[:k], n_genes).astype(np.int64),
-            "ref_membership": np.full(n, sizes[k], dtype=np.int64),
-            "log2_fold_change": arrays["log2_fold_change"].reshape(n),
-            "percent_change": arrays["percent_change"].reshape(n),
-            "p_value": arrays["p_value"].reshape(n),
-            "statistic": arrays["statistic"].reshape(n),
-            "fdr": arrays["fdr"].reshape(n),
-        },
-        columns=list(DE_COLUMNS),
-        copy=False,  # fresh arrays: no 2-D consolidation copy of ~7 x 904k floats
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# legacy (pdex 0.1.27, the 2025 leaderboard)
-# --------------------------------------------------------------------------------------------
-
-
-def _legacy_exact_pvalue(X, rows_t: np.ndarray, rows_c: np.ndarray, gene: int) -> tuple[float, float]:
-    """scipy's own ``mannwhitneyu`` for the rare pairs its ``method="auto"`` makes exact."""
-    from scipy import stats
-
-    if sp.issparse(X):
-        x = X[rows_t, gene].toarray().ravel()
-        y = X[rows_c, gene].toarray().ravel()
-    else:
-        x = X[rows_t, gene]
-        y = X[rows_c, gene]
-    res = stats.mannwhitneyu(x, y, use_continuity=True)
-    return res.statistic, res.pvalue
-
-
-def _de_legacy(
-    X: np.ndarray | sp.csr_matrix,
-    codes: np.ndarray,
-    ctrl_code: int,
-    test_codes: list[int],
-    target_names: list[str],
-    control: str,
-    genes: np.ndarray,
-) -> pd.DataFrame:
-    from scipy import special, stats
-
-    n_genes = X.shape[1]
-    dtype = X.dtype
-    use = [*test_codes, ctrl_code]
-    k = len(test_codes)
-    row_order, _row_group, group_ptr, sizes = _row_layout(codes, use)
-    n1s = [int(n) for n in sizes[:k]]
-    n2 = int(sizes[k])
-    ta = np.arange(max(n1s, default=0) + n2 + 1, dtype=dtype)
-    tie_table = ta**3 - ta  # what scipy evaluates for its float tie counts, in X's dtype
-
-    sums = np.zeros((k + 1, n_genes), dtype=dtype)
-    r1 = np.zeros((k, n_genes), dtype=dtype)
-    tie = np.zeros((k, n_genes), dtype=dtype)
-    has_ties = np.zeros((k, n_genes), dtype=np.bool_)
-    bs = max(8, min(n_genes, _BLOCK_BYTES // max(1, row_order.size * dtype.itemsize)))
-    if sp.issparse(X):
-        indptr = X.indptr.astype(np.int64, copy=False)
-        cursor = indptr[row_order].copy()
-    for g0 in range(0, n_genes, bs):
-        g1 = min(n_genes, g0 + bs)
-        if sp.issparse(X):
-            D = _kernels.csr_dense_block(indptr, X.indices, X.data, row_order, cursor, g0, g1)
-        else:
-            D = np.ascontiguousarray(X[row_order, g0:g1])
-        _kernels.legacy_block(D, group_ptr, k, k, tie_table, sums, r1, tie, has_ties, g0)
-
-    # np.mean of a float32/64 column: pairwise sum, then dtype(float64(sum) / n)
-    pre = (sums.astype(np.float64) / sizes[:, None]).astype(dtype)
-    means = np.expm1(pre)
-    tm, rm = means[:k], means[k]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = tm / rm
-        pc = ((tm - rm) / rm).astype(np.float64)
-    fc = ratio.astype(np.float64)
-    fc[np.broadcast_to(rm == 0, fc.shape)] = 20.0
-    fc[tm == 0] = 1 / 20.0
-    fc[(tm == 0) & (rm == 0)[None, :]] = 1.0
-    pc[np.broadcast_to(rm == 0, pc.shape)] = np.nan
-
-    stat = np.empty((k, n_genes), dtype=dtype)
-    pval = np.empty((k, n_genes), dtype=dtype)
-    for i, n1 in enumerate(n1s):
-        # scipy.stats.mannwhitneyu's asymptotic branch, operation by operation, in X's dtype
-        u1 = r1[i] - n1 * (n1 + 1) / 2
-        u2 = n1 * n2 - u1
-        u = np.maximum(u1, u2)
-        mu = n1 * n2 / 2
-        n = n1 + n2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.sqrt(n1 * n2 / 12 * ((n + 1) - tie[i] / (n * (n - 1))))
-            numerator = u - mu
-            numerator -= 0.5
-            z = numerator / s
-        p = special.ndtr(-z)
-        p *= 2
-        p = np.clip(p, 0.0, 1.0)
-        stat[i] = u1
-        pval[i] = p
-        if not (n1 > 8 and n2 > 8):  # scipy's method="auto": exact when small and tie-free
-            rows_t = row_order[group_ptr[i] : group_ptr[i + 1]]
-            rows_c = row_order[group_ptr[k] : group_ptr[k + 1]]
-            for g in np.flatnonzero(~has_ties[i]):
-                stat[i, g], pval[i, g] = _legacy_exact_pvalue(X, rows_t, rows_c, int(g))
-    pval[np.isnan(pval)] = 1.0
-    flat_p = pval.reshape(-1)
-    fdr = stats.false_discovery_control(flat_p, method="bh") if flat_p.size else flat_p.copy()
-
-    n_rows = k * n_genes
-    return pd.DataFrame(
-        {
-            "target": _name_column(target_names, np.repeat(np.arange(k), n_genes)),
-            "reference": _name_column([control], np.zeros(n_rows, dtype=np.int64)),
-            "feature": _name_column(genes, np.tile(np.arange(n_genes), k)),
-            "target_mean": tm.reshape(n_rows),
-            "reference_mean": np.tile(rm, k),
-            "percent_change": pc.reshape(n_rows),
-            "fold_change": fc.reshape(n_rows),
-            "p_value": flat_p,
-            "statistic": stat.reshape(n_rows),
-            "fdr": np.asarray(fdr).reshape(n_rows),
-        },
-        columns=list(LEGACY_DE_COLUMNS),
-        copy=False,
-    )

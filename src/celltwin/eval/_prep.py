@@ -15,7 +15,6 @@ import csv
 import io
 import os
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from celltwin._constants import CONTROL_LABEL, PERT_COL
 from celltwin._io import atomic_path, read_text
 from celltwin.errors import ConfigError, InputError
+from celltwin.eval._prep_common import check_obs_columns, open_prediction, prep_tmpdir
 
 if TYPE_CHECKING:  # pragma: no cover
     import anndata as ad
@@ -109,12 +109,7 @@ def plan_layout(
         msg = f"encoding must be one of {list(VALID_ENCODINGS)} (float bits), got {encoding!r}"
         raise ConfigError(msg)
     var_names = [str(g) for g in var_names]
-    if pert_col not in obs:
-        msg = f"{source}: perturbation column obs[{pert_col!r}] is missing; obs has {list(obs.columns)}"
-        raise InputError(msg)
-    if celltype_col and celltype_col not in obs:
-        msg = f"{source}: cell type column obs[{celltype_col!r}] is missing; obs has {list(obs.columns)}"
-        raise InputError(msg)
+    check_obs_columns(obs, source, pert_col=pert_col, celltype_col=celltype_col)
     labels = pd.unique(obs[pert_col].astype(object).to_numpy())
     if control_label not in set(labels):
         shown = ", ".join(map(repr, labels[:10])) + (" ..." if len(labels) > 10 else "")
@@ -199,6 +194,29 @@ def _dense_to_csr(X, dtype, block_rows: int = 8192):
     return sp.vstack(blocks, format="csr")
 
 
+def _write_archive(out: Path, write_h5ad, zstd_level: int) -> None:
+    """The 2025 ``.vcc`` file at ``out`` (atomically): ``write_h5ad(path)`` writes the minimal h5ad,
+    compressed into ``pred.h5ad.zst``, packed with ``watermark.txt`` into an uncompressed GNU tar."""
+    import zstandard
+
+    with prep_tmpdir(out) as tmp:
+        h5 = Path(tmp) / "pred.h5ad"
+        write_h5ad(h5)
+        zst = Path(tmp) / "pred.h5ad.zst"
+        # the zstd command's frame: level 3, content size and checksum written
+        cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=True)
+        with open(h5, "rb") as fin, open(zst, "wb") as fout:
+            cctx.copy_stream(fin, fout, size=h5.stat().st_size)
+        h5.unlink()
+        (Path(tmp) / "watermark.txt").write_bytes(WATERMARK)
+        with (
+            atomic_path(out, suffix=".vcc") as tmp_out,
+            tarfile.open(tmp_out, "w", format=tarfile.GNU_FORMAT) as tar,
+        ):
+            for name in ("pred.h5ad.zst", "watermark.txt"):
+                tar.add(Path(tmp) / name, arcname=name, recursive=False)
+
+
 def prep_vcc(
     adata: ad.AnnData | str | os.PathLike[str],
     genes: Sequence[str] | str | os.PathLike[str],
@@ -238,9 +256,8 @@ def prep_vcc(
     beyond). Files whose X the lazy reader does not take (CSC, other encodings) are read in memory.
     """
     import anndata as ad
-    import zstandard
 
-    from celltwin.eval._prep_stream import open_prediction, stream_prep_plan
+    from celltwin.eval._prep_stream import stream_prep_plan
 
     source = str(adata) if isinstance(adata, (str, os.PathLike)) else "prediction"
     src = open_prediction(adata) if isinstance(adata, (str, os.PathLike)) else adata
@@ -268,35 +285,9 @@ def prep_vcc(
             normalized = plan.factor is not None
             write, n_cells, n_genes = plan.write, len(plan.obs), len(plan.var)
         out = Path(output)
-        # named like atomic_path's temporaries, so a killed run's leftover is removed by a later run
-        with tempfile.TemporaryDirectory(
-            prefix=f".{out.name}.{os.getpid()}-",
-            suffix=".tmpdir",
-            dir=out.parent if out.parent.exists() else None,
-        ) as tmp:
-            h5 = Path(tmp) / "pred.h5ad"
-            write(h5)
-            zst = Path(tmp) / "pred.h5ad.zst"
-            # the zstd command's frame: level 3, content size and checksum written
-            cctx = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True, write_checksum=True)
-            with open(h5, "rb") as fin, open(zst, "wb") as fout:
-                cctx.copy_stream(fin, fout, size=h5.stat().st_size)
-            h5.unlink()
-            (Path(tmp) / "watermark.txt").write_bytes(WATERMARK)
-            with (
-                atomic_path(out, suffix=".vcc") as tmp_out,
-                tarfile.open(tmp_out, "w", format=tarfile.GNU_FORMAT) as tar,
-            ):
-                for name in ("pred.h5ad.zst", "watermark.txt"):
-                    tar.add(Path(tmp) / name, arcname=name, recursive=False)
+        _write_archive(out, write, zstd_level)
     finally:
         if not isinstance(src, ad.AnnData):
             src.close()
-    return PrepResult(
-        path=out,
-        n_cells=n_cells,
-        n_genes=n_genes,
-        reordered_genes=reordered,
-        normalized=normalized,
-        warnings=warns,
-    )
+    return PrepResult(path=out, n_cells=n_cells, n_genes=n_genes, reordered_genes=reordered,
+                      normalized=normalized, warnings=warns)

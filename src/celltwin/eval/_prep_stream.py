@@ -18,18 +18,16 @@ column indices, which would change the content.)
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from celltwin.errors import InputError
 from celltwin.eval._prep import plan_layout
+from celltwin.eval._prep_common import row_block_bounds
 
-__all__ = ["PREP_BLOCK_ROWS", "PREP_BLOCK_VALUES", "PREP_IN_MEMORY_MAX_BYTES", "StreamedPrep",
-           "open_prediction", "stream_prep_plan"]
+__all__ = ["PREP_BLOCK_ROWS", "PREP_BLOCK_VALUES", "PREP_IN_MEMORY_MAX_BYTES", "StreamedPrep", "stream_prep_plan"]
 
 PREP_BLOCK_ROWS = 4096  # most rows per block of a streamed prep
 PREP_BLOCK_VALUES = 1 << 24  # most stored values (CSR) or elements (dense) per streamed block
@@ -38,41 +36,9 @@ PREP_BLOCK_VALUES = 1 << 24  # most stored values (CSR) or elements (dense) per 
 PREP_IN_MEMORY_MAX_BYTES = 512 * 2**20
 
 
-def open_prediction(path: str | os.PathLike[str]):
-    """An :class:`~celltwin.data.source.H5adSource` of a CSR or dense X, else the AnnData read in memory.
-
-    A file that the lazy reader refuses (missing, unreadable, no X, another encoding) goes to
-    :func:`celltwin.eval._load.read_h5ad`, which reads it or names the failure; a CSC X is read in
-    memory too (row blocks of a CSC matrix would scan the whole matrix each time).
-    """
-    from celltwin.data.source import H5adSource
-    from celltwin.eval._load import read_h5ad
-
-    try:
-        src = H5adSource(path)
-    except InputError:
-        return read_h5ad(path)
-    if src.x_format not in ("csr", "dense"):
-        src.close()
-        return read_h5ad(path)
-    return src
-
-
 def _block_bounds(src) -> list[tuple[int, int]]:
     """Row blocks ``[a, b)``: at most :data:`PREP_BLOCK_ROWS` rows and :data:`PREP_BLOCK_VALUES` values."""
-    n = src.n_obs
-    nnz = src.row_nnz()
-    if nnz is None:  # dense: a fixed number of rows
-        rows = max(1, min(PREP_BLOCK_ROWS, PREP_BLOCK_VALUES // max(src.n_vars, 1)))
-        return [(a, min(a + rows, n)) for a in range(0, n, rows)]
-    cum = np.concatenate([[0], np.cumsum(nnz, dtype=np.int64)])
-    bounds, a = [], 0
-    while a < n:
-        b = int(np.searchsorted(cum, cum[a] + PREP_BLOCK_VALUES, side="right")) - 1
-        b = min(max(b, a + 1), a + PREP_BLOCK_ROWS, n)
-        bounds.append((a, b))
-        a = b
-    return bounds
+    return row_block_bounds(src.row_nnz(), src.n_obs, src.n_vars, PREP_BLOCK_ROWS, PREP_BLOCK_VALUES)
 
 
 def _prep_block(src, a: int, b: int, cols: np.ndarray | None, dtype):

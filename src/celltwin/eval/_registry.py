@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from celltwin.eval._de_columns import de_columns, log2_fold_changes
+
 __all__ = [
     "BEST_ONE",
     "BEST_ZERO",
@@ -79,23 +81,21 @@ class MetricContext:
     @cached_property
     def ranked(self) -> tuple[Any, Any]:
         """Significant genes of each perturbation ranked by ``|lfc|`` (real, pred)."""
-        from celltwin.eval._evaluate import _de_columns
         from celltwin.eval._metrics import rank_significant
 
         return (
-            rank_significant(*_de_columns(self.de_real), self.perts),
-            rank_significant(*_de_columns(self.de_pred), self.perts),
+            rank_significant(*de_columns(self.de_real), self.perts),
+            rank_significant(*de_columns(self.de_pred), self.perts),
         )
 
     @cached_property
     def de_mats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(lfc_real, fdr_real, lfc_pred, fdr_pred)``, ``(P, G)`` float32 each."""
         from celltwin.eval import _full
-        from celltwin.eval._evaluate import _lfc
 
         genes = self.real.genes
-        lfc_r, fdr_r = _full.de_matrices(self.de_real, self.perts, genes, _lfc(self.de_real))
-        lfc_p, fdr_p = _full.de_matrices(self.de_pred, self.perts, genes, _lfc(self.de_pred))
+        lfc_r, fdr_r = _full.de_matrices(self.de_real, self.perts, genes, log2_fold_changes(self.de_real))
+        lfc_p, fdr_p = _full.de_matrices(self.de_pred, self.perts, genes, log2_fold_changes(self.de_pred))
         return lfc_r, fdr_r, lfc_p, fdr_p
 
     @cached_property

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from celltwin.eval._kernels import guard_numba_cache
+from celltwin.eval._numba_cache import guard_numba_cache
 
 __all__ = ["divide_rows", "group_sums_csr", "has_fraction", "scan_finite"]
 
@@ -70,6 +70,6 @@ def has_fraction(vals, eps):  # pragma: no cover - compiled
     return False
 
 
-# Same concurrency guard as the DE kernels (see the comment block at the end of _kernels.py):
+# Same concurrency guard as the DE kernels (see celltwin/eval/_numba_cache.py):
 # lock around numba's cache index/data update, and verify each loaded entry's header.
 _GUARDED = guard_numba_cache(globals())

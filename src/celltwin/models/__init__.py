@@ -9,7 +9,8 @@ The ST model, by job:
 
 * ``state_transition``: the torch module (:class:`StateTransition`, :class:`STConfig`, ``PRESETS``);
 * ``st_options``: :class:`StateOptions`, its typed options (standard library only);
-* ``st_train``: training for the registry (``state`` / ``state-se``), ``st_data``: what a set reads;
+* ``st_train``: training for the registry (``state`` / ``state-se``), with ``st_build`` (building the
+  module) and ``st_validate`` (the validation pass); ``st_data``: what a set reads;
 * ``st_predict``: loading a run and predicting (:class:`StatePredictor`);
 * ``st_se_bridge``: run-space cells -> SE embeddings (:class:`SEBridge`).
 
@@ -19,8 +20,7 @@ The SE model: ``state_embedding`` (torch module), ``se_options`` (:class:`SEOpti
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from celltwin._lazy import lazy_exports
 
 __all__ = ["PRESETS", "SEModel", "SEOptions", "STConfig", "STModel", "STSEModel", "StateOptions",
            "StateTransition", "sample_counts"]
@@ -38,11 +38,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'celltwin.models' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

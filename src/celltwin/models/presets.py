@@ -1,4 +1,4 @@
-"""Size presets of the ST and SE models and the set-loss names: plain data, no torch.
+"""Size presets of the ST and SE models and the set-loss names: plain data, no torch; :func:`from_preset`.
 
 The option classes (:mod:`celltwin.models.st_options`, :mod:`celltwin.models.se_options`) validate
 against these without importing torch, so a bad ``--set preset=...`` fails at once;
@@ -8,9 +8,15 @@ configurations from them (re-exported there as ``PRESETS`` / ``SE_PRESETS``).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, TypeVar
 
-__all__ = ["SET_LOSSES", "SE_PRESETS", "ST_PRESETS"]
+from celltwin.errors import ConfigError
+
+__all__ = ["SET_LOSSES", "SE_PRESETS", "ST_PRESETS", "from_preset"]
+
+_C = TypeVar("_C")
 
 #: the set losses of :func:`celltwin.losses.set_loss` (``celltwin.losses.LOSSES``; a test keeps them equal)
 SET_LOSSES = ("energy", "mmd", "sinkhorn", "mse")
@@ -61,3 +67,17 @@ SE_PRESETS: dict[str, dict[str, Any]] = {
     # The published SE configuration (width 512, 8 layers, 16 heads, MLP 1024, output 512, L 2048, mask 1280).
     "published": {},
 }
+
+
+def from_preset(kind: str, presets: Mapping[str, Mapping[str, Any]], cls: type[_C], name: str,
+                overrides: Mapping[str, Any]) -> _C:
+    """``cls`` built from preset ``name`` of ``presets`` with ``overrides`` applied (``kind``: ``SE`` / ``ST``).
+
+    A ConfigError names an unknown preset or an override that is no field of ``cls``.
+    """
+    if name not in presets:
+        raise ConfigError(f"unknown {kind} preset {name!r}; choose one of {sorted(presets)}")
+    bad = sorted(set(overrides) - {f.name for f in fields(cls)})
+    if bad:
+        raise ConfigError(f"unknown {cls.__name__} fields {bad}")
+    return cls(**{**presets[name], **overrides})

@@ -52,16 +52,11 @@ import torch
 from celltwin._constants import BATCH_COL, CONTEXT_COL, CONTROL_LABEL, PERT_COL
 from celltwin.data.columns import parse_perturbation
 from celltwin.errors import ConfigError, InputError
+from celltwin.models.st_build import build_model, load_pert_table
 from celltwin.models.st_options import StateOptions
-from celltwin.models.st_predict import (
-    MODEL_SUBDIR,
-    SE_SUBDIR,
-    TRAIN_SUBDIR,
-    _load_pert_genes,
-    _Predictor,
-)
+from celltwin.models.st_predict import MODEL_SUBDIR, SE_SUBDIR, TRAIN_SUBDIR
 from celltwin.models.st_se_bridge import SEBridge
-from celltwin.models.state_transition import StateTransition
+from celltwin.models.st_validate import make_val_fn
 from celltwin.train import TrainConfig, cleanup_distributed, fit, init_distributed, seed_everything
 
 __all__ = ["train_state", "train_state_se"]
@@ -95,26 +90,6 @@ def _make_step(context_dropout: float, members: torch.Tensor):
         return unwrap(model).loss(out, batch["pert"], batch.get("pert_genes"))
 
     return step
-
-
-def _pert_table(opts: StateOptions, pert_vocab: list[str]) -> torch.Tensor:
-    """(P, E) perturbation inputs: row 0 (control) = zeros (no perturbation), then each gene's vector.
-
-    Every perturbed gene of the training data must have a vector (an InputError names the
-    missing ones): a silent zero or random row would make the gene indistinguishable from control.
-    """
-    from celltwin.genes import align_gene_table
-
-    table, hgnc = _load_pert_genes(opts.pert_embeddings, opts.pert_hgnc)
-    genes = pert_vocab[1:]
-    vec, found, _ = align_gene_table(table, genes, hgnc)
-    if not found.all():
-        missing = [g for g, f in zip(genes, found, strict=True) if not f]
-        raise InputError(f"state option pert_embeddings: {opts.pert_embeddings} has no vector for {len(missing)} of "
-                         f"the {len(genes)} perturbed genes of the training data ({', '.join(missing[:10])}"
-                         f"{' ...' if len(missing) > 10 else ''}); use a table that covers them (pert_hgnc maps "
-                         "aliases) or leave those perturbations out of the split")
-    return torch.from_numpy(np.vstack([np.zeros((1, table.dim), np.float32), vec]))
 
 
 def _se_for_run(opts: StateOptions, request: Any, run_dir: Path) -> tuple[Any, str]:
@@ -234,7 +209,7 @@ def train_state(request: Any) -> dict:
     reader = SetReader(request.data, pre, input_idx=input_idx, embed_key=request.embed_key,
                        se_cache=None if se_cache is None else str(se_cache),
                        se_rows=labels.rows if se_cache is not None else None, decode_genes=decode)
-    pert_table = _pert_table(opts, pert_vocab) if opts.pert_embeddings else None
+    pert_table = load_pert_table(opts, pert_vocab) if opts.pert_embeddings else None
     seed_everything(request.seed)
     input_space = "embedding" if (opts.input_space == "embedding" or request.embed_key) else "expression"
     output_space = "all" if decode else ("embedding" if input_space == "embedding" else "gene")
@@ -246,7 +221,7 @@ def train_state(request: Any) -> dict:
         vocab["input_genes"] = list(request.input_genes)
     if request.embed_key:
         vocab["embed_key"] = [request.embed_key]
-    model, init_report = _build_model(opts, cfg, pert_table, vocab, decode)
+    model, init_report = build_model(opts, cfg, pert_table, vocab, decode)
     vocabs = Vocabularies(perturbations=Vocab(label_vocab, "perturbation"),
                           contexts=Vocab(ctx_vocab, "context", unknown=ctx_vocab[0]),
                           batches=Vocab.from_values(labels.batch, "batch"), genes=Vocab(genes, "gene"))
@@ -284,7 +259,7 @@ def train_state(request: Any) -> dict:
     # options that change the result (celltwin.train.fit compares TrainConfig.fingerprint)
     tcfg.fingerprint = {**{k: v for k, v in fingerprint.items() if k != "options"},
                         "options": _resume_key(fingerprint["options"])}
-    val_fn = _make_val_fn(request.data, pre, labels, val_groups, opts, model, bridge, request.embed_key) \
+    val_fn = make_val_fn(request.data, pre, labels, val_groups, opts, model, bridge, request.embed_key) \
         if val_groups else None
     try:
         members = _member_table(label_vocab, {p: i for i, p in enumerate(pert_vocab)})
@@ -315,62 +290,6 @@ def train_state(request: Any) -> dict:
     }
 
 
-def _arc_sizes(cfg: Any, decode: bool) -> dict[str, Any]:
-    """arc-state ST sizes for the run's data, from celltwin's STConfig of the same data."""
-    if cfg.input_space == "expression" and cfg.output_space == "all":
-        raise ConfigError("state option arch=arc-state: HVG input decoded to every gene (--hvg with output all) is "
-                          "not an arc-state configuration; use --output-space gene, or every gene of X")
-    out = {"input_dim": cfg.input_dim, "output_dim": cfg.input_dim, "pert_dim": cfg.n_perts,
-           "input_space": cfg.input_space, "decode_genes": decode, "gene_dim": cfg.n_genes if decode else 0,
-           "output_space": "all" if decode else ("gene" if cfg.input_space == "expression" else "embedding"),
-           "batch_dim": 0, "loss_weights": cfg.loss_weights, "gene_loss_weight": cfg.gene_loss_weight,
-           # arc-state's rule: ReLU on expression output, and when there is no gene decoder
-           "relu_output": cfg.input_space == "expression" or not decode}
-    return out
-
-
-def _build_model(opts: StateOptions, cfg: Any, pert_table: Any, vocab: dict, decode: bool) -> tuple[Any, dict]:
-    """The ST module of a run: celltwin's (``cfg``), arc-state's architecture (``arch``), or ``init_from``'s
-    architecture with the run's sizes and what fits of its weights (:mod:`celltwin.models.st_init`)."""
-    import logging
-
-    from celltwin.models.st_init import arch_config, init_model, read_init_source
-
-    if opts.init_from:
-        src = read_init_source(opts.init_from)
-        if src.arch == "arc-state":
-            from celltwin.models.arc_transition import ArcStateTransition
-
-            if pert_table is not None:
-                raise ConfigError("state option init_from: an arc-state model encodes perturbations one-hot; "
-                                  "pert_embeddings does not apply")
-            model = ArcStateTransition(arch_config(src, **_arc_sizes(cfg, decode), dropout=opts.dropout), vocab=vocab)
-        else:
-            sizes = {f: getattr(cfg, f) for f in ("input_dim", "n_perts", "n_contexts", "pert_emb_dim", "input_space",
-                                                  "n_genes", "loss_weights", "gene_loss_weight", "dropout",
-                                                  "decoder_residual")}
-            model = StateTransition(arch_config(src, output_space="", **sizes), pert_table=pert_table, vocab=vocab)
-        report = init_model(model, src)
-        log = logging.getLogger("celltwin")
-        log.info("init_from %s: %d tensors copied, %d partly copied by name, %d re-initialised%s",
-                 src.where, report["copied"], len(report["partially_copied"]), len(report["reinitialised"]),
-                 f" ({', '.join(report['reinitialised'])})" if report["reinitialised"] else "")
-        for k, v in report["partially_copied"].items():
-            log.info("init_from: %s: %d of %d %s carried over by name, the rest re-initialised",
-                     k, v["kept"], v["of"], v["by"].replace("_", " "))
-        return model, report
-    if opts.arch == "arc-state":
-        from celltwin.models.arc_transition import ArcStateTransition, ArcSTConfig
-
-        if pert_table is not None:
-            raise ConfigError("state option arch=arc-state: perturbations are one-hot (pert_embeddings does not apply)")
-        arc = ArcSTConfig(hidden=cfg.hidden, n_layers=cfg.n_layers, n_heads=cfg.n_heads, mlp_hidden=cfg.mlp_hidden,
-                          n_encoder_layers=cfg.encoder_layers, n_decoder_layers=cfg.encoder_layers,
-                          set_size=cfg.set_size, dropout=cfg.dropout, **_arc_sizes(cfg, decode))
-        return ArcStateTransition(arc, vocab=vocab), {}
-    return StateTransition(cfg, pert_table=pert_table, vocab=vocab), {}
-
-
 def train_state_se(request: Any) -> dict:
     """Registry ``train_fn`` of ``state-se``: :func:`train_state` with ``input_space=embedding``."""
     from dataclasses import replace
@@ -394,65 +313,3 @@ def _resume_key(options: dict) -> dict:
     free = {"resume", "progress", "tensorboard", "threads", "ckpt_every", "log_every", "steps", "val_every",
             "num_workers"}
     return {k: v for k, v in options.items() if k not in free}
-
-
-#: control cells per context read for validation (a random subset when a context has more)
-VAL_MAX_CONTROLS = 2048
-
-
-def _make_val_fn(data: Any, pre: Any, labels: Any, val_groups: list[tuple[str, str]], opts: StateOptions,
-                 model: StateTransition, bridge: SEBridge | None = None, embed_key: str | None = None):
-    """Validation: predict the held-out groups from their context's controls, score with celltwin.eval.
-
-    Cells are read from disk at each validation: the held-out groups' real cells and up to
-    :data:`VAL_MAX_CONTROLS` control cells per context (a fixed random subset, seed 0), so memory
-    stays bounded on large screens.
-    """
-    import anndata as ad
-    import pandas as pd
-    import scipy.sparse as sp
-
-    from celltwin.eval import EvalConfig, evaluate
-
-    by_ctx: dict[str, list[str]] = {}
-    for c, p in val_groups:
-        by_ctx.setdefault(c, []).append(p)
-    ctrl_rows = labels.control_rows()
-    pick = np.random.default_rng(0)
-    ctrl_rows = {c: (np.sort(pick.choice(r, VAL_MAX_CONTROLS, replace=False)) if r.size > VAL_MAX_CONTROLS else r)
-                 for c, r in ctrl_rows.items()}
-
-    def val(m: torch.nn.Module, step: int) -> dict[str, float]:
-        pred = _Predictor(m, opts.zero_below, bridge)
-        if pred.output_space == "embedding":  # no gene output to score
-            return {}
-        rng = np.random.default_rng(0)
-        sums: dict[str, list[float]] = {}
-        for c, ps in sorted(by_ctx.items()):
-            C = data.read_model(ctrl_rows[c], pre)  # (m, G)
-            E = data.read_rows(ctrl_rows[c], obsm_key=embed_key) if embed_key else None
-            E = E.toarray() if E is not None and sp.issparse(E) else E
-            blocks, lab, real_rows = [], [], []
-            for p in ps:
-                rows = labels.rows[(labels.context == c) & (labels.pert == p)]
-                real_rows.append(rows)
-                idx = rng.choice(C.shape[0], size=rows.size, replace=rows.size > C.shape[0])
-                kw = {"inputs": E[idx]} if E is not None else {}
-                blocks.append(pred.predict(C[idx], p, c, rng, **kw))
-                lab += [p] * rows.size
-            n_ctrl = C.shape[0]
-            plab = lab + [CONTROL_LABEL] * n_ctrl
-            pa = ad.AnnData(sp.csr_matrix(np.vstack(blocks + [C])),
-                            obs=pd.DataFrame({PERT_COL: plab}, index=[f"p{i}" for i in range(len(plab))]))
-            rr = np.concatenate(real_rows)
-            rlab = [str(x) for x in labels.pert[np.searchsorted(labels.rows, rr)]] + [CONTROL_LABEL] * n_ctrl
-            ra = ad.AnnData(sp.vstack([data.read_model(rr, pre, dense=False), sp.csr_matrix(C)], format="csr"),
-                            obs=pd.DataFrame({PERT_COL: rlab}, index=[f"r{i}" for i in range(len(rlab))]))
-            res = evaluate(pa, ra, config=EvalConfig(progress=False))
-            mean = res.agg.set_index("statistic").loc["mean"]
-            for k in ("overlap_at_N", "discrimination_score_l1", "mae"):
-                if k in mean:
-                    sums.setdefault(k, []).append(float(mean[k]))
-        return {k: float(np.mean(v)) for k, v in sums.items()}
-
-    return val

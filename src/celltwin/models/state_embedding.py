@@ -40,7 +40,7 @@ sentence genes (L - n_mask), ``Q`` query genes, ``D`` gene-vector dim, ``H`` d_m
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ from torch import nn
 from celltwin._io import atomic_path
 from celltwin.errors import ConfigError, InputError
 from celltwin.losses import gaussian_mmd
-from celltwin.models.presets import SE_PRESETS
+from celltwin.models.presets import SE_PRESETS, from_preset
 from celltwin.nn import LlamaEncoder
 
 __all__ = ["SE_PRESETS", "StateEmbeddingConfig", "StateEmbeddingModel", "energy_distance_1d"]
@@ -121,13 +121,7 @@ class StateEmbeddingConfig:
     @classmethod
     def preset(cls, name: str, **overrides: object) -> StateEmbeddingConfig:
         """A named size (``tiny``, ``small``, ``published``) with field overrides."""
-        if name not in SE_PRESETS:
-            raise ConfigError(f"unknown SE preset {name!r}; choose one of {sorted(SE_PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(overrides) - known)
-        if bad:
-            raise ConfigError(f"unknown StateEmbeddingConfig fields {bad}")
-        return cls(**{**SE_PRESETS[name], **overrides})
+        return from_preset("SE", SE_PRESETS, cls, name, overrides)
 
 
 

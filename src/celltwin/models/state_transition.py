@@ -33,7 +33,7 @@ other set losses via ``loss_weights``. ``blur`` (0.05) matters only to the Sinkh
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from celltwin._io import atomic_path
 from celltwin.data.preprocess import sample_counts
 from celltwin.errors import ConfigError, InputError
 from celltwin.losses import LOSSES, set_loss
-from celltwin.models.presets import ST_PRESETS
+from celltwin.models.presets import ST_PRESETS, from_preset
 from celltwin.nn import MLP, LlamaEncoder
 
 __all__ = ["PRESETS", "STConfig", "StateTransition", "inverse_softplus", "sample_counts", "save_st_dir", "st_loss"]
@@ -128,13 +128,7 @@ class STConfig:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> STConfig:
         """A preset (:data:`PRESETS`) with data-dependent sizes and other fields overridden."""
-        if name not in PRESETS:
-            raise ConfigError(f"ST preset: expected one of {', '.join(PRESETS)}, got {name!r}")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(overrides) - known)
-        if bad:
-            raise ConfigError(f"STConfig: unknown field(s) {bad}")
-        return cls(**{**PRESETS[name], **overrides})
+        return from_preset("ST", PRESETS, cls, name, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,21 +15,20 @@ from celltwin.train.checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
+from celltwin.train.config import TrainConfig, TrainResult
 from celltwin.train.distributed import DistInfo, cleanup_distributed, init_distributed, is_distributed
 from celltwin.train.loop import (
     DivergenceError,
-    TrainConfig,
-    TrainResult,
     cpu_has_native_bf16,
-    fingerprint_diff,
     fit,
-    lr_lambda,
     move_to_device,
     resolve_precision,
     seed_everything,
     unwrap,
 )
 from celltwin.train.metrics import MetricsLogger
+from celltwin.train.optim import lr_lambda
+from celltwin.train.resume import fingerprint_diff
 
 __all__ = [
     "DistInfo",

@@ -21,29 +21,14 @@ else fp16 with a GradScaler; on CPU bf16 when the CPU has native bf16 instructio
 (DDP gradient sync only on the last micro-batch via ``no_sync``), gradient-norm clipping,
 AdamW step, LR scheduler step (linear warmup then cosine to ``min_lr_ratio * lr``).
 
-Data contract: ``loader`` is re-iterated every epoch (an epoch ends when it is exhausted).
-Before each epoch the loop calls ``set_epoch(epoch)`` on ``loader.sampler``,
-``loader.batch_sampler`` and ``loader.dataset`` when they have it (or ``loader`` may be a
-callable ``epoch -> iterable``). For exact resume the batches must be a function of
-``(epoch, position)`` only (e.g. a sampler seeded by ``seed + epoch``). On resume the loop
-skips the batches already consumed in the current epoch by iterating past them (cost:
-reading them again). In DDP each rank must get its own disjoint shard (the celltwin set
-sampler takes ``rank``/``world_size``).
-
-Loader RNG isolation: every call into the loader (``set_epoch``, ``iter(loader)``, each
-``next``) runs on a separate set of global RNG streams (torch CPU, Python ``random``, NumPy
-legacy), seeded from ``(seed, rank, epoch)`` at the start of each epoch and swapped out again
-afterwards (:class:`_LoaderRng`). Why: ``iter(torch.utils.data.DataLoader)`` draws the
-workers' ``base_seed`` from the global torch generator (with any ``num_workers``), and a
-``shuffle=True`` loader without its own ``generator`` draws its permutation seed there too. On
-resume the loop re-creates the epoch's iterator at a different point of the training RNG
-stream than the uninterrupted run did, which shifted every later dropout mask (a killed and
-resumed ``state`` run ended 0.012 away from the uninterrupted weights). With the swap, the
-training RNG (dropout, masking, ...) never sees the loader's draws, and the loader's own draws
-(worker seeds, unseeded shuffles, random augmentation in ``__getitem__`` with
-``num_workers=0``) are a function of ``(seed, rank, epoch, position)``, identical after a
-resume. Cost: a few tens of microseconds per batch. Not covered: ``persistent_workers=True``
-(workers keep their RNG across epochs, which a resume cannot reproduce).
+Data (:mod:`celltwin.train.batches`): ``loader`` is re-iterated every epoch, with
+``set_epoch(epoch)`` called on its sampler / batch sampler / dataset first (or ``loader`` may be
+a callable ``epoch -> iterable``). For exact resume the batches must be a function of
+``(epoch, position)`` only (e.g. a sampler seeded by ``seed + epoch``); on resume the batches
+already consumed in the epoch are read again and skipped. In DDP each rank must get its own
+disjoint shard (the celltwin set sampler takes ``rank``/``world_size``). Every call into the
+loader runs on its own global RNG streams seeded from ``(seed, rank, epoch)``, so the training
+RNG (dropout, masking, ...) never sees the loader's draws and a resume replays them exactly.
 
 Loss plot: rank 0 writes ``out_dir/loss.png`` (``TrainConfig.loss_plot``; :mod:`celltwin._loss_plot`)
 from ``metrics.csv`` at every checkpoint and at the end, atomically; after a resume it covers
@@ -70,18 +55,22 @@ Progress (``progress=True``, rank 0, unless the ``celltwin`` logger's level is a
 terminal; otherwise (output going to a log file) plain lines ``step 100/500 loss 0.1234 12.3 it/s``
 on stderr, every :func:`plain_progress_every` steps (a multiple of ``log_every``, at most about
 100 lines a run) and at the last step, so a log shows how far a run got and how fast it goes.
+
+Modules: :mod:`celltwin.train.config` (:class:`TrainConfig`, :class:`TrainResult`),
+:mod:`celltwin.train.optim` (AdamW, LR schedule), :mod:`celltwin.train.batches` (the epochs of the
+loader), :mod:`celltwin.train.resume` and :mod:`celltwin.train.checkpoint` (checkpoints and resume),
+:mod:`celltwin.train.metrics` / :mod:`celltwin.train.progress` (logging), :mod:`celltwin.train.distributed` (DDP).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +79,7 @@ import torch
 from torch import nn
 
 from celltwin.errors import CelltwinError, ConfigError
+from celltwin.train.batches import EpochBatches
 from celltwin.train.checkpoint import (
     CHECKPOINT_NAME,
     gather_rng_states,
@@ -97,8 +87,8 @@ from celltwin.train.checkpoint import (
     plain_data_problem,
     remove_stale_temp_files,
     save_checkpoint,
-    set_rng_state,
 )
+from celltwin.train.config import TrainConfig, TrainResult, normalised_fingerprint
 from celltwin.train.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -108,21 +98,17 @@ from celltwin.train.distributed import (
     is_distributed,
 )
 from celltwin.train.metrics import MetricsLogger
+from celltwin.train.optim import lr_lambda, make_optimizer, params_finite
 from celltwin.train.progress import TrainProgress, progress_wanted
+from celltwin.train.resume import check_same_run, restore
 
 __all__ = [
     "DivergenceError",
     "StepFn",
-    "TrainConfig",
-    "TrainProgress",
-    "TrainResult",
     "ValFn",
     "cpu_has_native_bf16",
-    "fingerprint_diff",
     "fit",
-    "lr_lambda",
     "move_to_device",
-    "progress_wanted",
     "resolve_precision",
     "seed_everything",
     "unwrap",
@@ -133,90 +119,11 @@ StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 ValFn = Callable[[nn.Module, int], Mapping[str, float]]
 """``val(model, step) -> {name: float}``; runs on rank 0 under ``no_grad`` in eval mode."""
 
-_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _log = logging.getLogger(__name__)
-
-
-_RESUME_KEYS = ("lr", "weight_decay", "betas", "min_lr_ratio", "grad_clip", "grad_accum", "seed")
-"""TrainConfig fields a resume must not change: the optimiser and scheduler states restored from
-the checkpoint would silently keep the old lr / betas / weight decay, and the others change
-the result. ``max_steps`` and ``warmup_steps`` may change (extending a finished run), as may
-bookkeeping (logging, checkpoint interval, progress), ``device`` and ``precision``."""
 
 
 class DivergenceError(CelltwinError, FloatingPointError):
     """Training diverged (non-finite loss, gradients or parameters); the message names the step and lr."""
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and bookkeeping settings of :func:`fit` (validated once, ConfigError)."""
-
-    max_steps: int = 1000  # optimiser steps (each = grad_accum micro-batches)
-    lr: float = 3e-4  # peak learning rate (AdamW)
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 0  # linear warmup from lr/warmup to lr
-    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr at max_steps
-    grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
-    grad_accum: int = 1  # micro-batches per optimiser step
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast); auto: see resolve_precision
-    device: str = "auto"  # auto | cpu | cuda | cuda:K
-    seed: int = 0
-    out_dir: str | None = None  # checkpoints/, metrics.csv, tb/, loss.png go here; None = nothing written
-    ckpt_every: int = 0  # save every N steps (and at the end); 0 = only at the end
-    resume: bool = True  # continue from out_dir/checkpoints/last.pt when present
-    log_every: int = 10  # log averaged loss parts every N steps
-    val_every: int = 0  # call val_fn every N steps (and at the end); 0 = only at the end
-    progress: bool = True  # rank 0: rich bar on a terminal, plain lines when stderr is not a TTY
-    tensorboard: bool = True  # also write TensorBoard scalars (when tensorboard is installed)
-    deterministic: bool = False  # torch.use_deterministic_algorithms(True)
-    # loss-curve PNG (celltwin._loss_plot) written at every checkpoint and at the end: a path relative to
-    # out_dir (or absolute); None = no plot
-    loss_plot: str | None = "loss.png"
-    # what makes this run this run (data file fingerprints, split, options: plain JSON data); resume
-    # refuses a checkpoint whose fingerprint differs. Stored normalised (a JSON round trip: tuples -> lists)
-    fingerprint: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.max_steps < 1:
-            raise ConfigError(f"TrainConfig.max_steps must be >= 1, got {self.max_steps}")
-        if not self.lr > 0:
-            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
-            raise ConfigError(
-                f"TrainConfig.warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}"
-            )
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.grad_accum < 1:
-            raise ConfigError(f"TrainConfig.grad_accum must be >= 1, got {self.grad_accum}")
-        if self.precision not in _PRECISIONS:
-            raise ConfigError(f"TrainConfig.precision must be one of {_PRECISIONS}, got {self.precision!r}")
-        for name in ("ckpt_every", "log_every", "val_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        self.fingerprint = _normalised_fingerprint(self.fingerprint)
-
-
-@dataclass
-class TrainResult:
-    """What :func:`fit` returns (on every rank)."""
-
-    step: int
-    epoch: int
-    last_losses: dict[str, float] = field(default_factory=dict)  # mean parts over the last log window
-    last_val: dict[str, float] = field(default_factory=dict)
-    resumed_from: int | None = None  # step of the checkpoint resumed from
-    seconds: float = 0.0  # wall time of this process's loop
-    items_per_s: float | None = None  # from count_fn, all ranks together, excluding the first step
-    precision: str = "fp32"  # the autocast precision actually used: fp32 | bf16 | fp16
-    device: str = "cpu"  # the torch device trained on (this rank's), e.g. "cpu", "cuda:0"
 
 
 def seed_everything(seed: int) -> None:
@@ -288,133 +195,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
-def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier at optimiser step ``step`` (0-based, the step about to be taken).
-
-    Linear warmup ``(step + 1) / warmup`` for ``step < warmup``, then cosine from 1 to
-    ``min_ratio`` over the remaining steps (reaching ``min_ratio`` at ``step = total``).
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    t = min(1.0, (step - warmup) / span)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def _normalised_fingerprint(fp: Any) -> dict[str, Any]:
-    """``fp`` after a JSON round trip (tuples -> lists, keys -> str), or ConfigError when not JSON data."""
-    if not isinstance(fp, dict):
-        msg = f"TrainConfig.fingerprint must be a dict, got {type(fp).__name__}"
-        raise ConfigError(msg)
-    try:
-        return json.loads(json.dumps(fp, sort_keys=True))
-    except (TypeError, ValueError) as e:
-        msg = f"TrainConfig.fingerprint must be plain JSON data (str, numbers, lists, dicts): {e}"
-        raise ConfigError(msg) from None
-
-
-def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted paths where two fingerprints differ (dicts compared key by key, other values whole)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for k in sorted(set(old) | set(new), key=str):
-            path = f"{prefix}.{k}" if prefix else str(k)
-            if k not in old:
-                out.append(f"{path} (not in the checkpoint)")
-            elif k not in new:
-                out.append(f"{path} (only in the checkpoint)")
-            else:
-                out += fingerprint_diff(old[k], new[k], path)
-        return out
-    if old != new:
-        return [f"{prefix or '(whole)'}: {_short(old)} in the checkpoint, {_short(new)} now"]
-    return []
-
-
-def _short(v: Any, limit: int = 40) -> str:
-    r = repr(v)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
-
-
-class _LoaderRng:
-    """Separate global RNG streams for the loader (see "Loader RNG isolation" in the module docstring).
-
-    ``start(epoch)`` marks a new epoch: the next :meth:`active` block begins from streams seeded
-    by ``(seed, rank, epoch)``. Inside ``with rng.active():`` the loader's streams are installed
-    (torch CPU, Python ``random``, NumPy legacy global); on exit they are saved and the training
-    streams restored exactly. The loader streams need no checkpointing: a resumed epoch is
-    re-iterated from its start (skipping consumed batches), which replays them.
-    """
-
-    def __init__(self, seed: int, rank: int) -> None:
-        self.seed, self.rank = seed % 2**63, rank
-        self._epoch = 0
-        self._state: tuple[Any, Any, Any] | None = None
-
-    def start(self, epoch: int) -> None:
-        self._epoch, self._state = epoch, None
-
-    @contextlib.contextmanager
-    def active(self):
-        saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-        try:
-            if self._state is None:
-                words = np.random.SeedSequence([self.seed, self.rank, self._epoch, 0x1DA7A]).generate_state(2)
-                s64 = (int(words[0]) << 32) | int(words[1])
-                torch.manual_seed(s64)
-                random.seed(s64)
-                np.random.seed(int(words[0]))
-            else:
-                torch.set_rng_state(self._state[0])
-                random.setstate(self._state[1])
-                np.random.set_state(self._state[2])
-            yield
-        finally:
-            self._state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
-
-
-def _params_finite(params: list[torch.Tensor]) -> bool:
-    """Whether every parameter is finite: max |p| per tensor (one fused ``_foreach_norm(inf)`` kernel
-    on CUDA; NaN and inf propagate, no false positives), then one host sync for all of them.
-
-    Cost: one read of the parameters per optimiser step, well under the AdamW step itself (which
-    reads and writes parameters, gradients and two moment buffers).
-    """
-    if not params:
-        return True
-    with torch.no_grad():
-        tensors = [p.detach() for p in params]
-        try:
-            norms = torch._foreach_norm(tensors, ord=math.inf)
-        except (AttributeError, RuntimeError, TypeError):  # no foreach kernel for this device / dtype
-            norms = [torch.linalg.vector_norm(t, ord=math.inf) for t in tensors]
-        dev = norms[0].device
-        return bool(torch.isfinite(torch.stack([n.to(dev, torch.float32) for n in norms])).all().item())
-
-
-def _set_epoch(loader: Any, epoch: int) -> None:
-    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
-                getattr(loader, "dataset", None), loader):
-        fn = getattr(obj, "set_epoch", None)
-        if callable(fn):
-            fn(epoch)
-
-
-def _make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused AdamW (one kernel over all parameters) on CUDA and on CPU: on CPU it cut the step of the
-    # published ST preset from 0.46 s to 0.37 s (bench/RESULTS.md); other devices use the default
-    fused = True if device.type in ("cuda", "cpu") else None
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
-
-
 def fit(
     model: nn.Module,
     step_fn: StepFn,
@@ -439,7 +219,7 @@ def fit(
     checkpoint of another run (different ``config.fingerprint``) or world size.
     """
     cfg = config
-    fingerprint = _normalised_fingerprint(cfg.fingerprint)  # again: a caller may have set it after init
+    fingerprint = normalised_fingerprint(cfg.fingerprint)  # again: a caller may have set it after init
     extra = dict(extra_state or {})
     bad = plain_data_problem(extra, "extra_state")
     if bad is not None:
@@ -458,7 +238,7 @@ def fit(
         if ddp
         else model
     )
-    optimizer = _make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     )
@@ -473,30 +253,13 @@ def fit(
         remove_stale_temp_files(ckpt_dir)  # leftovers of checkpoint writes killed half-way
     state = load_checkpoint(ckpt_dir, map_location=device) if (ckpt_dir is not None and cfg.resume) else None
     if state is not None:
-        old_cfg = state.get("config", {})
-        diff = [f"TrainConfig.{d}" for d in fingerprint_diff(
-            {k: old_cfg.get(k) for k in _RESUME_KEYS}, {k: getattr(cfg, k) for k in _RESUME_KEYS})]
-        diff += fingerprint_diff(state.get("fingerprint", {}), fingerprint)
-        if diff:
-            shown = "; ".join(diff[:6]) + (f"; ... ({len(diff) - 6} more)" if len(diff) > 6 else "")
-            msg = (f"{ckpt_dir / CHECKPOINT_NAME}: the checkpoint belongs to a different run ({shown}); "
-                   f"start fresh with resume=false (celltwin train: --set resume=false; celltwin embed fit: "
-                   f"--no-resume) or remove {out}, or restore the original inputs and settings")
-            raise ConfigError(msg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, pos = int(state["step"]), int(state["epoch"]), int(state["pos"])
-        rngs = state["rng"]
-        if len(rngs) != info.world_size:
-            msg = (f"checkpoint {ckpt_dir}/last.pt was written by {len(rngs)} processes, "
-                   f"this run has {info.world_size}: resume with the same world size")
-            raise ConfigError(msg)
-        set_rng_state(rngs[info.rank], device)
+        check_same_run(state, cfg, fingerprint, ckpt_dir, out)
+        step, epoch, pos = restore(state, ckpt_dir, info, device, model=model, optimizer=optimizer,
+                                   scheduler=scheduler, scaler=scaler)
         resumed_from = step
     else:
         seed_everything(cfg.seed + info.rank)
+    feed = EpochBatches(loader, cfg.seed, info.rank, epoch, pos)  # the batches; feed.epoch / feed.pos follow them
 
     logger = MetricsLogger(out, resume_step=resumed_from, tensorboard=cfg.tensorboard) \
         if (out is not None and info.is_main) else None
@@ -505,14 +268,14 @@ def fit(
     last_saved: list[int | None] = [resumed_from]  # step of the newest checkpoint on disk (None: none)
 
     def checkpoint() -> None:
-        if not _params_finite(params):  # identical on every rank: all raise together
+        if not params_finite(params):  # identical on every rank: all raise together
             diverged(f"non-finite parameters before writing the step-{step} checkpoint", step)
         rngs = gather_rng_states(device)  # collective
         if info.is_main and ckpt_dir is not None:
             save_checkpoint(ckpt_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "epoch": epoch, "pos": pos, "rng": rngs,
+                "step": step, "epoch": feed.epoch, "pos": feed.pos, "rng": rngs,
                 "config": {**asdict(cfg), "fingerprint": fingerprint}, "fingerprint": fingerprint,
                 "world_size": info.world_size,
                 "extra": extra,
@@ -544,7 +307,7 @@ def fit(
             kept = f"this run wrote no checkpoint yet in {ckpt_dir}"
         else:
             kept = f"the last good checkpoint (step {last_saved[0]}) is kept in {ckpt_dir / CHECKPOINT_NAME}"
-        msg = (f"training diverged at step {at_step} (epoch {epoch}): {what}; the learning rate was "
+        msg = (f"training diverged at step {at_step} (epoch {feed.epoch}): {what}; the learning rate was "
                f"{lr_now:.3g} at this step (peak lr={cfg.lr:g}): lower it, e.g. lr={cfg.lr / 10:g}, "
                f"and start fresh (resume=false); {kept}")
         raise DivergenceError(msg)
@@ -561,37 +324,6 @@ def fit(
         barrier()
         return res
 
-    loader_rng = _LoaderRng(cfg.seed, info.rank)
-
-    def batches() -> Iterable[Any]:
-        """Endless stream of (batch) continuing from (epoch, pos); updates epoch/pos."""
-        nonlocal epoch, pos
-        while True:
-            loader_rng.start(epoch)
-            with loader_rng.active():  # loader code never touches the training RNG streams
-                _set_epoch(loader, epoch)
-                src = loader(epoch) if callable(loader) and not hasattr(loader, "__iter__") else loader
-                it = iter(src)
-            n = 0
-            while True:
-                with loader_rng.active():
-                    try:
-                        b = next(it)
-                    except StopIteration:
-                        break
-                if n < pos:  # resume: skip what this epoch already consumed
-                    n += 1
-                    continue
-                n += 1
-                pos = n
-                yield b
-            del it  # a finished DataLoader iterator: let its workers go now
-            if n == 0:
-                msg = f"the training loader yielded no batch in epoch {epoch}"
-                raise ConfigError(msg)
-            epoch += 1
-            pos = 0
-
     progress = TrainProgress(cfg.max_steps, step, cfg.log_every) \
         if (cfg.progress and info.is_main and progress_wanted()) else None
 
@@ -601,7 +333,7 @@ def fit(
     t0 = time.perf_counter()
     t_first: float | None = None
     items_after_first = 0
-    stream = iter(batches())
+    stream = iter(feed)
     try:
         while step < cfg.max_steps:
             optimizer.zero_grad(set_to_none=True)
@@ -623,7 +355,7 @@ def fit(
                     if not torch.isfinite(loss.detach()):
                         bad_loss = float(loss.detach().float())
                         if not ddp:  # stop before backward; in DDP every rank must reach the all-reduce
-                            diverged(f"non-finite loss ({bad_loss}) in batch {pos} of the epoch", step + 1)
+                            diverged(f"non-finite loss ({bad_loss}) in batch {feed.pos} of the epoch", step + 1)
                     scaler.scale(loss.float() / cfg.grad_accum).backward()
                 for k, v in parts.items():
                     window.setdefault(k, []).append(float(v.detach()))
@@ -640,7 +372,7 @@ def fit(
                 window.setdefault("grad_norm", []).append(g)
             window.setdefault("lr", []).append(scheduler.get_last_lr()[0])
             scaler.step(optimizer)
-            if not _params_finite(params):  # grads synced in DDP: every rank sees the same parameters
+            if not params_finite(params):  # grads synced in DDP: every rank sees the same parameters
                 diverged("non-finite parameters after the optimiser step", step + 1)
             scaler.update()
             scheduler.step()
@@ -675,6 +407,6 @@ def fit(
     rate = None
     if count_fn is not None and t_first is not None and items_after_first > 0:
         rate = items_after_first * info.world_size / (time.perf_counter() - t_first)
-    return TrainResult(step=step, epoch=epoch, last_losses=last_losses, last_val=last_val,
+    return TrainResult(step=step, epoch=feed.epoch, last_losses=last_losses, last_val=last_val,
                        resumed_from=resumed_from, seconds=seconds, items_per_s=rate,
                        precision=_PRECISION_NAMES[amp_dtype], device=str(device))

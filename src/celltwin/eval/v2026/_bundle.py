@@ -1,7 +1,7 @@
 """The reference bundle: a context's scale ends ``b`` and ``r``, computed once and reused.
 
 Building the scale of a context costs one baseline scoring run, five split-half scoring runs and
-fifteen extra DE passes (:mod:`celltwin.eval.v2026._scale`); all of it reads the reference alone,
+fifteen extra DE passes (:mod:`celltwin.eval.v2026._context_scale`); all of it reads the reference alone,
 so it is the same for every submission. A bundle stores it on disk, in a directory the user
 names (``celltwin eval --profile vcc2026 --bundle PATH``)::
 
@@ -9,8 +9,9 @@ names (``celltwin eval --profile vcc2026 --bundle PATH``)::
     PATH/ctx-000/scale.json          b, r, the five per-split values, seeds, cohort sizes
     PATH/ctx-000/baseline_results.csv  the baseline's per-perturbation values (for inspection)
     PATH/ctx-000/real_stats.npz      the prepared reference-side statistics (profiles, jackknife
-                                     corrections, the reference DE table; no pickle), so a reused
-                                     bundle scores a submission without re-running the reference DE
+                                     corrections, the reference DE table; no pickle:
+                                     :mod:`._bundle_codec`), so a reused bundle scores a
+                                     submission without re-running the reference DE
 
 Identity. A bundle is keyed by
 
@@ -32,11 +33,8 @@ written atomically (all files appear at once); an existing bundle is never modif
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import logging
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +44,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from celltwin.errors import InputError
-from celltwin.eval.v2026 import _scale as S
+from celltwin.eval.v2026._baseline import BASELINE_SEED
+from celltwin.eval.v2026._bundle_codec import _jsonable, _load_stats, _save_stats
+from celltwin.eval.v2026._replicate import BASE_SEED, N_SPLITS, derive_seeds
+from celltwin.eval.v2026._scale import METRICS
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -55,13 +56,10 @@ __all__ = [
     "BundleWriter",
     "ContextScale",
     "ReferenceBundle",
-    "build_context_scale",
     "config_identity",
     "context_digest",
     "digest_of",
 ]
-
-logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "celltwin-vcc2026-reference-bundle"
 BUNDLE_VERSION = 1
@@ -111,30 +109,14 @@ def context_digest(cc: Any, context: str | None) -> str:
     return h.hexdigest()
 
 
-def _jsonable(x: Any) -> Any:
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: _jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return repr(x)
-    if x is None or isinstance(x, bool | int | float | str):
-        return x
-    return repr(x)
-
-
 def config_identity(
     config: Any,
     *,
     control: str,
     targets: Any = None,
-    base_seed: int = S.BASE_SEED,
-    n_splits: int = S.N_SPLITS,
-    baseline_seed: int = S.BASELINE_SEED,
+    base_seed: int = BASE_SEED,
+    n_splits: int = N_SPLITS,
+    baseline_seed: int = BASELINE_SEED,
 ) -> dict[str, Any]:
     """Everything besides the data that decides ``b`` and ``r``, as JSON-able values."""
     return {
@@ -144,7 +126,7 @@ def config_identity(
         "targets": _jsonable(dict(targets)) if isinstance(targets, dict) else _jsonable(targets),
         "base_seed": int(base_seed),
         "n_splits": int(n_splits),
-        "seeds": S.derive_seeds(base_seed, n_splits),
+        "seeds": derive_seeds(base_seed, n_splits),
         "baseline_seed": int(baseline_seed),
     }
 
@@ -177,8 +159,8 @@ class ContextScale:
         return {
             "context": self.context,
             "digest": self.digest,
-            "b": {m: float(self.b[m]) for m in S.METRICS},
-            "r": {m: float(self.r[m]) for m in S.METRICS},
+            "b": {m: float(self.b[m]) for m in METRICS},
+            "r": {m: float(self.r[m]) for m in METRICS},
             "seeds": [int(s) for s in self.seeds],
             "splits": [_jsonable(row) for row in self.splits],
             "estimator": dict(self.estimator),
@@ -191,75 +173,14 @@ class ContextScale:
         return cls(
             context=d["context"],
             digest=d["digest"],
-            b={m: float(d["b"][m]) for m in S.METRICS},
-            r={m: float(d["r"][m]) for m in S.METRICS},
+            b={m: float(d["b"][m]) for m in METRICS},
+            r={m: float(d["r"][m]) for m in METRICS},
             seeds=[int(s) for s in d["seeds"]],
             splits=list(d.get("splits", [])),
             estimator=dict(d.get("estimator", {})),
             n_cells=int(d.get("n_cells", 0)),
             perturbations=list(d.get("perturbations", [])),
         )
-
-
-def build_context_scale(
-    real: Any,
-    *,
-    context: str | None = None,
-    control: str = "non-targeting",
-    targets: Any = None,
-    config: Any = None,
-    base_seed: int = S.BASE_SEED,
-    n_splits: int = S.N_SPLITS,
-    order: list[str] | None = None,
-    real_stats: Any = None,
-    digest: str | None = None,
-) -> ContextScale:
-    """Compute ``b`` and ``r`` of one context (a ContextCounts of the reference).
-
-    ``b``: the baseline (:func:`~celltwin.eval.v2026._scale.build_baseline`) scored as a
-    submission; ``r``: :func:`~celltwin.eval.v2026._scale.replicate_scores`. Both must give every
-    metric a usable scale (``r`` strictly better than ``b``), else :class:`~._scale.ScaleError`.
-    """
-    if config is None:
-        config = S.default_config()
-    if real_stats is None:
-        real_stats = S.prepare_real(real, control=control, targets=targets, config=config)
-    baseline = S.build_baseline(real, control=control, targets=targets)
-    bres = S.score_context(
-        real, baseline, control=control, targets=targets, config=config, real_stats=real_stats
-    )
-    b = {m: float(bres.agg[m]) for m in S.METRICS}
-    rep = S.replicate_scores(
-        real,
-        control=control,
-        targets=targets,
-        config=config,
-        seeds=n_splits,
-        base_seed=base_seed,
-        order=order,
-        real_stats=real_stats,
-    )
-    where = "" if context is None else f"context {context!r}: "
-    for m in S.METRICS:
-        try:
-            S.scale_one(m, b[m], b[m], rep.r[m])
-        except S.ScaleError as e:
-            raise S.ScaleError(f"{where}{e}") from None
-    labels = np.asarray(real.perts).astype(str)
-    return ContextScale(
-        context=context,
-        digest=digest or context_digest(real, context),
-        b=b,
-        r=rep.r,
-        seeds=rep.seeds,
-        splits=rep.splits,
-        estimator=rep.estimator,
-        n_cells=int(labels.size),
-        perturbations=sorted(set(labels.tolist()) - {control}),
-        baseline_per_pert=getattr(bres, "per_pert", None),
-        real_stats=real_stats,
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # the bundle on disk
@@ -432,135 +353,3 @@ class BundleWriter:
         elif self._open:
             self.commit()
 
-
-# ---------------------------------------------------------------------------------------------
-# prepared statistics on disk (no pickle: arrays in an .npz, structure in JSON)
-
-
-def _save_stats(d: Path, stats: Any) -> None:
-    """Store the prepared reference statistics (``_metrics.RealStats``) as ``real_stats.npz``:
-    arrays in the archive, the structure as JSON inside it (no pickle). The reference matrix itself
-    (``RealStats.side``) is not stored: it is rebuilt from the reference on load. Anything else (or
-    a structure this encoder does not know) is not stored and is recomputed per run."""
-    from celltwin.eval.v2026 import _metrics as M
-
-    if not isinstance(stats, M.RealStats):
-        return
-    arrays: dict[str, np.ndarray] = {}
-    fields = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "side"}
-    try:
-        tree = {k: _encode(v, arrays) for k, v in fields.items()}
-    except _Unserialisable as e:
-        logger.debug("bundle: prepared statistics not stored (%s); they are recomputed per run", e)
-        return
-    arrays["__tree__"] = np.frombuffer(json.dumps(tree).encode(), dtype=np.uint8)
-    with open(d / "real_stats.npz", "wb") as fh:
-        np.savez(fh, **arrays)
-
-
-def _load_stats(d: Path, real: Any) -> Any:
-    """The stored ``RealStats`` of the context ``real`` (its matrix rebuilt from ``real``), or
-    ``None`` when absent or unreadable (then recomputed: it is a cache of derived data)."""
-    from celltwin.eval.v2026 import _metrics as M
-
-    f = d / "real_stats.npz"
-    if not f.exists():
-        return None
-    try:
-        with np.load(f, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        tree = json.loads(arrays.pop("__tree__").tobytes().decode())
-        fields = {k: _decode(v, arrays) for k, v in tree.items()}
-        side = M._side(real, "reference", list(fields["genes"]))
-        return M.RealStats(side=side, **fields)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError, _Unserialisable) as e:
-        logger.warning("bundle: %s unreadable (%s); recomputing the prepared statistics", f, e)
-        return None
-
-
-class _Unserialisable(Exception):
-    pass
-
-
-def _encode(x: Any, arrays: dict[str, np.ndarray]) -> Any:
-    import pandas as pd
-
-    if x is None or isinstance(x, bool | int | str):
-        return {"t": "v", "v": x}
-    if isinstance(x, float):
-        return {"t": "f", "v": repr(x)}
-    if isinstance(x, np.generic):
-        return _encode(x.item(), arrays)
-    if isinstance(x, np.ndarray):
-        if x.dtype.kind not in "biufcUS":
-            raise _Unserialisable(f"array of dtype {x.dtype}")
-        key = f"a{len(arrays)}"
-        arrays[key] = x
-        return {"t": "a", "k": key}
-    if sp.issparse(x):
-        m = sp.csr_matrix(x)
-        return {
-            "t": "csr",
-            "shape": list(m.shape),
-            "fmt": getattr(x, "format", "csr"),
-            "parts": [_encode(m.data, arrays), _encode(m.indices, arrays), _encode(m.indptr, arrays)],
-        }
-    if isinstance(x, pd.DataFrame):
-        cols = [str(c) for c in x.columns]
-        if len(set(cols)) != len(cols):
-            raise _Unserialisable("duplicate DataFrame columns")
-        return {
-            "t": "df",
-            "cols": cols,
-            "index": _encode(np.asarray(x.index), arrays),
-            "data": [_encode(np.asarray(x[c]), arrays) for c in x.columns],
-        }
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        cls = type(x)
-        return {
-            "t": "dc",
-            "cls": f"{cls.__module__}:{cls.__qualname__}",
-            "f": {f.name: _encode(getattr(x, f.name), arrays) for f in dataclasses.fields(x) if f.init},
-        }
-    if isinstance(x, dict):
-        if not all(isinstance(k, str) for k in x):
-            raise _Unserialisable("dict with non-string keys")
-        return {"t": "d", "v": {k: _encode(v, arrays) for k, v in x.items()}}
-    if isinstance(x, list | tuple):
-        return {"t": "l" if isinstance(x, list) else "tu", "v": [_encode(v, arrays) for v in x]}
-    raise _Unserialisable(type(x).__name__)
-
-
-def _decode(t: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
-    import importlib
-
-    import pandas as pd
-
-    kind = t["t"]
-    if kind == "v":
-        return t["v"]
-    if kind == "f":
-        return float(t["v"])
-    if kind == "a":
-        return arrays[t["k"]]
-    if kind == "csr":
-        data, indices, indptr = (_decode(p, arrays) for p in t["parts"])
-        m = sp.csr_matrix((data, indices, indptr), shape=tuple(t["shape"]))
-        return m.asformat(t.get("fmt", "csr"))
-    if kind == "df":
-        cols = {c: _decode(v, arrays) for c, v in zip(t["cols"], t["data"], strict=True)}
-        return pd.DataFrame(cols, index=_decode(t["index"], arrays))
-    if kind == "dc":
-        mod, _, qual = t["cls"].partition(":")
-        if not mod.startswith("celltwin."):
-            raise _Unserialisable(f"class {t['cls']} outside celltwin")
-        obj: Any = importlib.import_module(mod)
-        for part in qual.split("."):
-            obj = getattr(obj, part)
-        return obj(**{k: _decode(v, arrays) for k, v in t["f"].items()})
-    if kind == "d":
-        return {k: _decode(v, arrays) for k, v in t["v"].items()}
-    if kind in ("l", "tu"):
-        vals = [_decode(v, arrays) for v in t["v"]]
-        return vals if kind == "l" else tuple(vals)
-    raise _Unserialisable(kind)

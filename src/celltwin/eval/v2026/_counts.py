@@ -18,7 +18,7 @@ where cell-eval2 does:
 * cell totals for the DE normalisation (scanpy 1.11 ``normalize_total``): a CSR row is summed
   entry by entry in stored order (its numba ``_normalize_csr`` loop); a dense row is summed by
   numpy's pairwise ``add.reduce`` over the float64 row (``np.sum(X, axis=1)``), reproduced by
-  :func:`celltwin.eval._kernels.pairwise_sum`.
+  :func:`celltwin.eval._pairwise.pairwise_sum`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from celltwin.errors import InputError
-from celltwin.eval import _kernels
+from celltwin.eval._numba_cache import guard_numba_cache
+from celltwin.eval._pairwise import pairwise_sum
 
 __all__ = [
     "MAX_COUNTS_PER_CELL",
@@ -260,7 +261,7 @@ def _totals_dense(X, out):
         row = np.empty(g, dtype=np.float64)
         for j in range(g):
             row[j] = np.float64(X[i, j])
-        out[i] = _kernels.pairwise_sum(row, 0, g, 0.0)
+        out[i] = pairwise_sum(row, 0, g, 0.0)
 
 
 def cell_totals(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
@@ -274,4 +275,4 @@ def cell_totals(X: np.ndarray | sp.csr_matrix) -> np.ndarray:
     return out
 
 
-_GUARDED = _kernels.guard_numba_cache(globals())
+_GUARDED = guard_numba_cache(globals())

@@ -20,7 +20,7 @@ Means and fold changes (``_grouped_means`` + ``_clipped_log2fc``, ``mean_calc: a
 p-values (``pdex(..., mode="ref", is_log1p=True)`` -> numba_mwu 0.2.0)
     Two-sided Mann-Whitney U of each group's ``log1p`` values against the control's, asymptotic
     with tie and continuity correction, bit-identical to numba_mwu (:func:`mwu_merge_block`, a
-    sort-and-walk form of :func:`celltwin.eval._kernels.mwu_block`). ``log1p`` is numpy's, applied
+    sort-and-walk form of :func:`celltwin.eval._mwu.mwu_block`). ``log1p`` is numpy's, applied
     to the same float64 values cell-eval2 applies it to, so the ties it creates or keeps are the
     same.
 Gene filter (``_apply_cpm_filter``, ``filter_gene_min_cpm_cell: 5``, reference-only since #351)
@@ -28,10 +28,11 @@ Gene filter (``_apply_cpm_filter``, ``filter_gene_min_cpm_cell: 5``, reference-o
     ``1e6 / target_sum``) is ``> 5``: one gene set for every perturbation.
 BH (``_bh_per_target``)
     scipy ``false_discovery_control`` within each perturbation over the kept genes only
-    (:func:`bh_rows`: scipy's numpy steps, vectorised over perturbations). Untested genes carry NaN.
+    (:func:`celltwin.eval._bh.bh_rows`, one BH family per perturbation). Untested genes carry NaN.
 
 The matrix is never densified and never copied whole: genes are processed in column blocks whose
-values are gathered from the rows of the (up to two) source matrices.
+values are gathered from the rows of the (up to two) source matrices
+(:mod:`celltwin.eval._gather`, with a per-row scale).
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from celltwin.errors import InputError
-from celltwin.eval import _kernels
+from celltwin.eval._bh import bh_rows
+from celltwin.eval._gather import csr_pass, seg_layout
+from celltwin.eval._means import means_block
+from celltwin.eval._mwu import mwu_pvalue
+from celltwin.eval._numba_cache import guard_numba_cache
 
 __all__ = ["DETable", "Groups", "bh_rows", "de_side", "group_rows", "mwu_merge_block"]
 
@@ -114,110 +119,6 @@ class DETable:
         }
 
 
-def bh_rows(p: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg within each row: scipy 1.17 ``false_discovery_control(row)``'s own numpy
-    steps (sort, ``p * (m / i)``, running minimum from the top, clip to [0, 1]), vectorised over
-    rows. Tied p-values get the same value whatever the sort puts first. No NaN inputs here
-    (the Mann-Whitney p-value is always defined)."""
-    p = np.asarray(p, dtype=np.float64)
-    m = p.shape[1]
-    if m <= 1:
-        return p.copy()
-    order = np.argsort(p, axis=1)
-    ps = np.take_along_axis(p, order, axis=1)
-    ps *= m / np.arange(1, m + 1, dtype=np.float64)
-    np.minimum.accumulate(ps[:, ::-1], out=ps[:, ::-1], axis=1)
-    out = np.empty_like(ps)
-    np.put_along_axis(out, order, ps, axis=1)
-    return np.clip(out, 0.0, 1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# gene-block gather
-# --------------------------------------------------------------------------------------------
-
-
-@nb.njit(cache=True, parallel=True)
-def _count_block(indptr, indices, data, rows, rgrp, cursor, g0, g1, n_groups, counts, c_off, n_chunks):
-    """``counts[c_off + c, (g - g0) * n_groups + grp]`` += stored non-zeros of genes ``[g0, g1)``
-    in chunk ``c`` of ``rows`` (``cursor[k]``: first unread CSR position of ``rows[k]``)."""
-    n_rows = rows.shape[0]
-    for c in nb.prange(n_chunks):
-        k0 = c * n_rows // n_chunks
-        k1 = (c + 1) * n_rows // n_chunks
-        for k in range(k0, k1):
-            r = rows[k]
-            grp = rgrp[k]
-            end = indptr[r + 1]
-            p = cursor[k]
-            while p < end and indices[p] < g1:
-                if data[p] != 0:
-                    counts[c_off + c, (indices[p] - g0) * n_groups + grp] += 1
-                p += 1
-
-
-@nb.njit(cache=True, parallel=True)
-def _fill_block(indptr, indices, data, rows, rgrp, scale, cursor, g0, g1, n_groups, starts, c_off, n_chunks, vals):
-    """Write ``data / scale[k]`` (float64) of the chunk's non-zeros into their segments (row order
-    kept: chunks are consecutive row ranges filled in chunk order); advance ``cursor`` past ``g1``."""
-    n_rows = rows.shape[0]
-    for c in nb.prange(n_chunks):
-        k0 = c * n_rows // n_chunks
-        k1 = (c + 1) * n_rows // n_chunks
-        fill = starts[c_off + c]
-        for k in range(k0, k1):
-            r = rows[k]
-            grp = rgrp[k]
-            sc = scale[k]
-            end = indptr[r + 1]
-            p = cursor[k]
-            while p < end and indices[p] < g1:
-                v = data[p]
-                if v != 0:
-                    s = (indices[p] - g0) * n_groups + grp
-                    vals[fill[s]] = np.float64(v) / sc
-                    fill[s] += 1
-                p += 1
-            cursor[k] = p
-
-
-@nb.njit(cache=True)
-def _seg_layout(counts):
-    """Segment pointers and per-chunk start positions from ``counts`` (chunks x segments)."""
-    n_chunks, n_seg = counts.shape
-    seg_ptr = np.empty(n_seg + 1, dtype=np.int64)
-    starts = np.empty((n_chunks, n_seg), dtype=np.int64)
-    run = 0
-    for s in range(n_seg):
-        seg_ptr[s] = run
-        for c in range(n_chunks):
-            starts[c, s] = run
-            run += counts[c, s]
-    seg_ptr[n_seg] = run
-    return seg_ptr, starts
-
-
-@nb.njit(cache=True, parallel=True)
-def _block_means(seg_ptr, vals, sizes, inv_sizes, n_groups, sparse_mode, out, g0):
-    """Per-(group, gene) arithmetic mean of the block's normalised values (see module docstring:
-    ``sparse_mode`` scales each value by ``1/n`` then sums in row order; otherwise sums in row
-    order then divides by ``n``). Zeros are not stored and add nothing either way."""
-    nb_genes = (seg_ptr.shape[0] - 1) // n_groups
-    for j in nb.prange(nb_genes):
-        for grp in range(n_groups):
-            s = j * n_groups + grp
-            acc = 0.0
-            if sparse_mode:
-                inv = inv_sizes[grp]
-                for k in range(seg_ptr[s], seg_ptr[s + 1]):
-                    acc += vals[k] * inv
-                out[grp, g0 + j] = acc
-            else:
-                for k in range(seg_ptr[s], seg_ptr[s + 1]):
-                    acc += vals[k]
-                out[grp, g0 + j] = acc / sizes[grp]
-
-
 # --------------------------------------------------------------------------------------------
 # Mann-Whitney U of every group against the control, gene by gene
 # --------------------------------------------------------------------------------------------
@@ -241,6 +142,19 @@ def _insertion_sort(keys, grp, lo, hi):
             j -= 1
         keys[j + 1] = kk
         grp[j + 1] = gg
+
+
+@nb.njit(cache=True, inline="always")
+def _scatter(src_k, src_g, dst_k, dst_g, h, sh, lo, hi):
+    """One stable counting-sort pass of ``src_k[lo:hi]`` on the 11-bit digit at ``sh`` into ``dst_k``
+    (``h``: the digit's exclusive prefix counts, advanced), carrying ``src_g`` into ``dst_g``."""
+    for i in range(lo, hi):
+        k = src_k[i]
+        b = (k >> sh) & np.uint64(2047)
+        q = lo + h[b]
+        h[b] += 1
+        dst_k[q] = k
+        dst_g[q] = src_g[i]
 
 
 @nb.njit(cache=True)
@@ -269,21 +183,9 @@ def _lsd_sort(keys, grp, k2, g2, lo, hi):
             run += c
         sh = np.uint64(11 * d)
         if flips % 2 == 0:
-            for i in range(lo, hi):
-                k = keys[i]
-                b = (k >> sh) & np.uint64(2047)
-                q = lo + h[b]
-                h[b] += 1
-                k2[q] = k
-                g2[q] = grp[i]
+            _scatter(keys, grp, k2, g2, h, sh, lo, hi)
         else:
-            for i in range(lo, hi):
-                k = k2[i]
-                b = (k >> sh) & np.uint64(2047)
-                q = lo + h[b]
-                h[b] += 1
-                keys[q] = k
-                grp[q] = g2[i]
+            _scatter(k2, g2, keys, grp, h, sh, lo, hi)
         flips += 1
     if flips % 2 == 1:
         for i in range(lo, hi):
@@ -298,7 +200,7 @@ def _sort_keys(keys, grp, k2, g2, m):
     One counting pass on the top (up to) 16 bits of ``key - min``, then insertion sort inside
     each bucket (an LSD radix sort for a bucket above 64 keys); insertion sort alone below 64
     keys. Hand-written on purpose: numba's own sort helpers are not used in this module (see the
-    on-disk cache note in :mod:`celltwin.eval._kernels`).
+    on-disk cache note in :func:`celltwin.eval._bh._argsort_nan_last`).
     """
     if m < 64:
         _insertion_sort(keys, grp, 0, m)
@@ -351,8 +253,8 @@ def _sort_keys(keys, grp, k2, g2, m):
 @nb.njit(cache=True, parallel=True)
 def mwu_merge_block(seg_ptr, vals, sizes, n_tests, out_u, out_p, g0):
     """Mann-Whitney U of groups ``0..n_tests-1`` against group ``n_tests`` (the control) for each
-    gene of a gathered block (layout of :func:`celltwin.eval._kernels.csr_block`; values > 0 and
-    finite, zeros implicit). Same statistic and p-value as :func:`celltwin.eval._kernels.mwu_block`
+    gene of a gathered block (layout of :mod:`celltwin.eval._gather`; values > 0 and
+    finite, zeros implicit). Same statistic and p-value as :func:`celltwin.eval._mwu.mwu_block`
     (numba_mwu 0.2.0), bit for bit, computed differently: per gene every stored value of every
     group is sorted once (by the float64 bit patterns, which order like the positive values) and walked in order keeping ``L`` = control values so far (control zeros included).
     A value of group ``t`` adds ``L + E/2`` to ``t``'s rank sum (``E``: control values equal to it);
@@ -360,7 +262,7 @@ def mwu_merge_block(seg_ptr, vals, sizes, n_tests, out_u, out_p, g0):
     ``f(c + h_t) - f(c)`` to ``t``'s tie term and ``f(c)`` to the control's, ``f(x) = x^3 - x``;
     zeros are one run per group. Rank sums are sums of halves and tie terms sums of integers, all
     exact in float64, so the order of accumulation does not matter; the p-value is
-    :func:`celltwin.eval._kernels.mwu_pvalue`.
+    :func:`celltwin.eval._mwu.mwu_pvalue`.
     """
     n_groups = n_tests + 1
     ctrl = n_tests
@@ -431,7 +333,7 @@ def mwu_merge_block(seg_ptr, vals, sizes, n_tests, out_u, out_p, g0):
             if nz_t > 0:
                 rs += nz_t * (nz_c / 2.0)
                 tt += _f3(nz_c + nz_t) - _f3(nz_c)
-            u1, p = _kernels.mwu_pvalue(rs, n_t, n_c, tt)
+            u1, p = mwu_pvalue(rs, n_t, n_c, tt)
             out_u[t, g0 + j] = u1
             out_p[t, g0 + j] = p
 
@@ -447,6 +349,14 @@ class _Source:
         self.indptr = X.indptr.astype(np.int64, copy=False)
         self.cursor = self.indptr[self.rows].copy()
         self.n_chunks = max(1, min(n_chunks, self.rows.shape[0]))
+
+    def gather(self, g0: int, g1: int, n_groups: int, slots: np.ndarray, c_off: int,
+               vals: np.ndarray | None = None) -> None:
+        """Count (``vals=None``) or fill pass of :func:`celltwin.eval._gather.csr_pass` over these
+        rows, their chunks using ``slots[c_off:]``; the fill writes ``x / scale``."""
+        if self.rows.size:
+            csr_pass(self.indptr, self.X.indices, self.X.data, self.rows, self.rgrp, self.cursor, g0, g1,
+                     n_groups, slots, c_off, self.n_chunks, vals, None if vals is None else self.scale)
 
 
 def de_side(
@@ -501,16 +411,12 @@ def de_side(
         n_seg = (g1 - g0) * n_groups
         counts = np.zeros((n_ch, n_seg), dtype=np.int64)
         for src, off in ((src_t, 0), (src_c, src_t.n_chunks)):
-            if src.rows.size:
-                _count_block(src.indptr, src.X.indices, src.X.data, src.rows, src.rgrp, src.cursor,
-                             g0, g1, n_groups, counts, off, src.n_chunks)
-        seg_ptr, starts = _seg_layout(counts)
+            src.gather(g0, g1, n_groups, counts, off)
+        seg_ptr, starts = seg_layout(counts)
         vals = np.empty(int(seg_ptr[-1]), dtype=np.float64)
         for src, off in ((src_t, 0), (src_c, src_t.n_chunks)):
-            if src.rows.size:
-                _fill_block(src.indptr, src.X.indices, src.X.data, src.rows, src.rgrp, src.scale, src.cursor,
-                            g0, g1, n_groups, starts, off, src.n_chunks, vals)
-        _block_means(seg_ptr, vals, sizes, inv_sizes, n_groups, bool(sparse_mode), means, g0)
+            src.gather(g0, g1, n_groups, starts, off, vals)
+        means_block(seg_ptr, vals, sizes, inv_sizes, n_groups, bool(sparse_mode), means, g0)
         np.log1p(vals, out=vals)
         mwu_merge_block(seg_ptr, vals, sizes, k, stat, pval, g0)
 
@@ -531,4 +437,4 @@ def de_side(
     )
 
 
-_GUARDED = _kernels.guard_numba_cache(globals())
+_GUARDED = guard_numba_cache(globals())
