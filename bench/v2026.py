@@ -203,7 +203,7 @@ def _run(tool: str, real: Path, pred: Path, work: Path, threads: int) -> dict:
         msg = f"{tool} failed (wait status {status})"
         raise SystemExit(msg)
     row = json.loads(result.read_text())
-    row["peak_rss_gb"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    row["peak_rss_gb"] = usage.ru_maxrss / 2**20  # GiB (ru_maxrss is in KiB on Linux)
     return row
 
 
@@ -257,7 +257,7 @@ def main() -> int:
         rows[tool] = _run(tool, real, pred, d / tool, a.threads)
         r = rows[tool]
         legs = {k: v for k, v in r.items() if isinstance(v, float) and k != "score" and k != "peak_rss_gb"}
-        print(f"{tool}: " + ", ".join(f"{k} {v:.1f} s" for k, v in legs.items()) + f", peak RSS {r['peak_rss_gb']:.2f} GB "
+        print(f"{tool}: " + ", ".join(f"{k} {v:.1f} s" for k, v in legs.items()) + f", peak RSS {r['peak_rss_gb']:.2f} GiB "
               f"({r['peak_rss_gb'] * 2**30 / sum(sz):.2f}x the files' sparse size), score {r['score']:.6f}", flush=True)
     if "celltwin" in rows and "cell-eval2" in rows:
         c, e = rows["celltwin"], rows["cell-eval2"]
