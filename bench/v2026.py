@@ -49,15 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
+from celltwin.eval.v2026 import METRICS  # the six metric names, in the scorer's order
+
 CTRL = "non-targeting"
-METRICS = (
-    "pds_cosine",
-    "expr_mse_unbiased_capped_norm",
-    "de_wilcoxon_direction_fidelity_yield_raw",
-    "de_wilcoxon_direction_reach_raw",
-    "de_wilcoxon_sig_jaccard",
-    "de_wilcoxon_lfc_nmae",
-)
 
 
 # ----------------------------------------------------------------------------------- simulation

@@ -382,6 +382,10 @@ def test_bundle_round_trip(files, evaluated, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLI
+def _pair(files):
+    return ["-ap", files / "pred.h5ad", "-ar", files / "real.h5ad"]
+
+
 def _cli(capsys, *argv):
     code = main(["eval", "--profile", "vcc2026", *map(str, argv)])
     return code, capsys.readouterr()
@@ -393,10 +397,7 @@ def test_cli_end_to_end(files, evaluated, tmp_path, capsys):
     out = tmp_path / "out"
     code, cap = _cli(
         capsys,
-        "-ap",
-        files / "pred.h5ad",
-        "-ar",
-        files / "real.h5ad",
+        *_pair(files),
         "--context-col",
         "context",
         "--bundle",
@@ -508,10 +509,7 @@ def test_cli_bad_input_exits_2(files, tmp_path, capsys, kind, needle):
 def test_cli_refusals(files, tmp_path, capsys):
     code, cap = _cli(
         capsys,
-        "-ap",
-        files / "pred.h5ad",
-        "-ar",
-        files / "real.h5ad",
+        *_pair(files),
         "--skip-metrics",
         "pds_cosine",
         "-o",
@@ -520,10 +518,7 @@ def test_cli_refusals(files, tmp_path, capsys):
     assert code == 2 and "does not take --skip-metrics" in cap.err
     code, cap = _cli(
         capsys,
-        "-ap",
-        files / "pred.h5ad",
-        "-ar",
-        files / "real.h5ad",
+        *_pair(files),
         "--context-col",
         "nope",
         "-o",
