@@ -118,3 +118,80 @@ def test_score_with_own_column_names_reads_the_split(tmp_path, capsys, make_scre
 def test_score_argument_errors(args, match, capsys):
     assert cli.main(["score", *args]) == 2
     assert match in capsys.readouterr().err
+
+
+def _stream_guard(monkeypatch, path):
+    """Patch the baseline's block size small, refuse whole reads of ``path``, count its block reads."""
+    import celltwin.eval._baseline as baseline_mod
+    import celltwin.eval._load as load_mod
+    from celltwin.data.source import H5adSource
+
+    monkeypatch.setattr(baseline_mod, "BLOCK_ROWS", 7)
+    whole = load_mod.read_h5ad
+
+    def refuse(p, *a, **k):
+        if str(p) == str(path):
+            raise AssertionError(f"{p} read whole")
+        return whole(p, *a, **k)
+
+    monkeypatch.setattr(load_mod, "read_h5ad", refuse)
+    monkeypatch.setattr(ad, "read_h5ad", refuse)
+    reads = []
+    stored = H5adSource.read_stored
+
+    def counted(self, uniq):
+        if str(self.path) == str(path):
+            reads.append(len(uniq))
+        return stored(self, uniq)
+
+    monkeypatch.setattr(H5adSource, "read_stored", counted)
+    return reads
+
+
+def _same_anndata(got, want):
+    assert got.obs.equals(want.obs) and got.var_names.equals(want.var_names)
+    assert type(got.X) is type(want.X) and got.X.dtype == want.X.dtype
+    g, w = (got.X.toarray(), want.X.toarray()) if hasattr(got.X, "toarray") else (got.X, want.X)
+    assert g.tobytes() == w.tobytes()  # bitwise
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_baseline_streams_the_training_file(tmp_path, make_screen, monkeypatch, fmt):
+    """`celltwin baseline -a FILE` reads FILE in row blocks, never whole, with bitwise the in-memory result."""
+    from celltwin.eval import cell_mean_baseline
+
+    a = _screen(make_screen, {"pert": "target_gene", "context": "context"}, "non-targeting")
+    if fmt == "dense":
+        a.X = np.asarray(a.X.toarray() if hasattr(a.X, "toarray") else a.X)
+    path = tmp_path / "train.h5ad"
+    a.write_h5ad(path)
+    pd.DataFrame({"target_gene": ["g1", "g2"], "n_cells": [3, 5]}).to_csv(tmp_path / "c.csv", index=False)
+    want = cell_mean_baseline(ad.read_h5ad(path), tmp_path / "c.csv", source=str(path))  # in memory
+    reads = _stream_guard(monkeypatch, path)
+    _run(["baseline", "-a", path, "-c", tmp_path / "c.csv", "-o", tmp_path / "b.h5ad", "--skip-de"])
+    assert len(reads) >= 2 * 4 and max(reads) <= 7  # two passes of several blocks
+    monkeypatch.undo()
+    got = ad.read_h5ad(tmp_path / "b.h5ad")
+    want.write_h5ad(tmp_path / "want.h5ad")
+    _same_anndata(got, ad.read_h5ad(tmp_path / "want.h5ad"))
+
+
+def test_score_streams_the_training_file_of_a_context(predicted, monkeypatch, capsys):
+    """`celltwin score --train FILE --context C`: FILE's cells of C streamed in row blocks, never read
+    whole; the baseline is bitwise the one built from the in-memory AnnData of those cells."""
+    from celltwin.eval._baseline import vcc_baseline
+
+    d, a = predicted
+    path = d / "train_all.h5ad"
+    a.write_h5ad(path)  # every context, controls included
+    keep = (a.obs["context"] == "d1").to_numpy()
+    want, _ = vcc_baseline(ad.read_h5ad(path)[keep].copy(), d / "real.h5ad")  # in memory
+    reads = _stream_guard(monkeypatch, path)
+    capsys.readouterr()
+    _run(["score", "--pred", d / "pred.h5ad", "--real", d / "real.h5ad", "--train", path, "--context", "d1",
+          "-o", d / "s.csv", "--save-baseline", d / "vb.h5ad"])
+    assert f"built from {int(keep.sum())} training cells of" in capsys.readouterr().out
+    assert len(reads) >= 2 * 4 and max(reads) <= 7
+    monkeypatch.undo()
+    want.write_h5ad(d / "want.h5ad")
+    _same_anndata(ad.read_h5ad(d / "vb.h5ad"), ad.read_h5ad(d / "want.h5ad"))

@@ -121,22 +121,28 @@ def _training_from_split(args: argparse.Namespace, overrides):
 
 
 def _training_from_file(args: argparse.Namespace, overrides):
+    """(the --train path, its sorted rows of --context or None, ObsColumns, description).
+
+    Only obs is read here; X is streamed by the baseline (never read whole)."""
+    import numpy as np
+
     from celltwin.data.columns import ObsColumns, merge_columns, require_columns
+    from celltwin.data.source import H5adSource
     from celltwin.errors import InputError
-    from celltwin.eval._load import read_h5ad
 
     cols = merge_columns(overrides) or ObsColumns()
-    train = read_h5ad(args.train)
-    what = f"{train.n_obs} training cells of {args.train}"
+    src = H5adSource(args.train)
+    what = f"{src.n_obs} training cells of {args.train}"
+    rows = None
     if args.context is not None:
-        require_columns(train.obs, [cols.context_col], str(args.train))
-        keep = (train.obs[cols.context_col].astype(str) == args.context).to_numpy()
+        require_columns(src.obs, [cols.context_col], str(args.train))
+        keep = (src.obs[cols.context_col].astype(str) == args.context).to_numpy()
         if not keep.any():
             msg = f"{args.train}: no cell of context {args.context!r} in obs[{cols.context_col!r}]"
             raise InputError(msg)
-        train = train[keep].copy()
-        what = f"{train.n_obs} training cells of {args.train} (context {args.context!r})"
-    return train, cols, what
+        rows = np.flatnonzero(keep)
+        what = f"{rows.size} training cells of {args.train} (context {args.context!r})"
+    return str(args.train), rows, cols, what
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,14 +182,15 @@ def run(args: argparse.Namespace) -> int:
          "--split": args.split, "--data": args.data},
     )
     overrides = column_overrides(args)
+    train_rows = None
     if args.split is not None:
         train, cols, what = _training_from_split(args, overrides)
     else:
-        train, cols, what = _training_from_file(args, overrides)
+        train, train_rows, cols, what = _training_from_file(args, overrides)
     cfg = EvalConfig(profile=args.profile, pert_col=cols.pert_col, control=cols.control_label,
                      control_source=args.control_source, mode=args.mode, cache_dir=None, progress=False)
     res = score_vs_vcc_baseline(args.real, train, pred=args.pred, agg=args.user_input, config=cfg,
-                                allow_discrete=args.allow_discrete)
+                                allow_discrete=args.allow_discrete, train_rows=train_rows)
     if args.save_baseline is not None:
         with atomic_path(args.save_baseline, suffix=".h5ad") as tmp:
             res.baseline.write_h5ad(tmp)

@@ -56,8 +56,9 @@ LOG_MAX = 15.0  # log-normalised values must be < LOG_MAX (cell-eval's validatio
 def read_h5ad(path: str | os.PathLike[str]):
     """Read an ``.h5ad`` file fully into memory, turning any read failure into an :class:`InputError`.
 
-    celltwin's one in-memory ``.h5ad`` reader (``celltwin eval``'s rules, ``prep`` / ``baseline`` /
-    ``score --train``); lazy row reads go through :class:`celltwin.data.source.H5adSource`.
+    celltwin's one in-memory ``.h5ad`` reader (``celltwin eval``'s rules, ``prep``); lazy row reads
+    (``baseline`` / ``score --train`` stream the training cells) go through
+    :class:`celltwin.data.source.H5adSource`.
     """
     import anndata as ad
 

@@ -108,11 +108,12 @@ class VccScore:
 
 
 def score_vs_vcc_baseline(real: Any, train: Any, *, pred: Any = None, agg: Any = None, config: Any = None,
-                          allow_discrete: bool = False) -> VccScore:
+                          allow_discrete: bool = False, train_rows: Any = None) -> VccScore:
     """The VCC-normalised score of a model in one call: cell-eval's baseline is built here.
 
     Builds the VCC baseline (cell-eval's cell-mean baseline, :func:`celltwin.eval._baseline.vcc_baseline`) from
-    ``train`` (AnnData or ``.h5ad``: the training cells, controls included) with the cells per
+    ``train`` (AnnData or ``.h5ad``, streamed; ``train_rows``: only those sorted rows of it; the
+    training cells, controls included) with the cells per
     perturbation of ``real``, evaluates it against ``real`` with ``config`` (an
     :class:`~celltwin.eval.EvalConfig`; its ``pert_col`` / ``control`` name the columns of all three),
     evaluates ``pred`` against ``real`` the same way (reusing the real DE table) unless the model's
@@ -129,7 +130,7 @@ def score_vs_vcc_baseline(real: Any, train: Any, *, pred: Any = None, agg: Any =
         raise InputError("score: give the model's prediction (pred) or its agg_results table (agg), not both")
     cfg = config if config is not None else EvalConfig(cache_dir=None)
     base, counts = vcc_baseline(train, real, pert_col=cfg.pert_col, control_pert=cfg.control,
-                                allow_discrete=allow_discrete)
+                                allow_discrete=allow_discrete, rows=train_rows)
     base_res = evaluate(base, real, config=cfg)
     if pred is not None:
         model_agg = evaluate(pred, real, config=cfg, de_real=base_res.de_real).agg
